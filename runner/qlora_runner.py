@@ -1,0 +1,1471 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#   "torch>=2.4", "transformers>=4.56", "peft>=0.17", "bitsandbytes>=0.49",
+#   "datasets>=3.0", "accelerate>=1.0", "pyyaml>=6.0",
+# ]
+# ///
+"""QLoRA fine-tuning runner: one self-contained file, copied to the GPU machine as is.
+
+    python qlora_runner.py --config job.yaml --out DIR                 # a fresh run
+    python qlora_runner.py --config job.yaml --out DIR --resume auto   # continue from DIR's newest checkpoint
+
+The phases, in the order they run: load the data (local .jsonl/.json/.csv/.parquet file or
+folder, or a Hugging Face dataset id), format and tokenize it (labels only on the answer for
+the instruction and chat formats), split it with a fixed seed, load the base model in 4-bit
+NF4 (bitsandbytes) or unquantized, attach LoRA (peft), measure the base model's test loss,
+train with the Hugging Face Trainer, save the adapter, evaluate on the test split and write
+generations for a few held-out prompts.
+
+Everything it writes goes into DIR:
+    checkpoints/checkpoint-N/  Trainer checkpoints; a folder appears under this name only once it is
+                               complete (written under checkpoints/.incoming/, given a manifest
+                               `qlora_complete.json`, then renamed), so a kill -9 mid-save leaves no
+                               half checkpoint where a reader or `--resume auto` would take it
+    metrics.jsonl              one JSON object per event: train steps, evals, base and final test loss
+    status.json                phase (loading, training, evaluating, saving, done, failed, preempted),
+                               step, total_steps, error, exit_code; rewritten atomically at every change
+    adapter/                   the final LoRA adapter (peft format) and tokenizer
+    eval.json                  test loss and perplexity, before (base model) and after fine-tuning
+    samples.jsonl              {prompt, reference, before, after} for a few test prompts
+    runner.log                 everything the runner printed
+
+Exit codes (each failure prints one line that names the key, file or value and how to fix it;
+tracebacks only with --debug):
+    0    done                      3  config error         6  out of memory
+    1    unexpected internal error 4  data error           7  environment (packages, device, GPU stack)
+    2    bad command line          5  model cannot load    130  interrupted (Ctrl-C), checkpoint saved
+    143  SIGTERM (a preempted machine): a checkpoint was saved at the current step
+
+Importing this file imports only the standard library, so the launcher reuses its config
+schema (`load_config`, `JobConfig`) on a laptop without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+import traceback
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+# ---------------------------------------------------------------------------------------------
+# Exit codes and typed errors
+# ---------------------------------------------------------------------------------------------
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_DATA = 4
+EXIT_MODEL = 5
+EXIT_OOM = 6
+EXIT_ENVIRONMENT = 7
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_PREEMPTED = 143  # 128 + SIGTERM
+
+
+class RunnerError(Exception):
+    """An error we can explain in one line; `exit_code` tells its class apart."""
+
+    exit_code = EXIT_INTERNAL
+    kind = "error"
+
+
+class UsageError(RunnerError):
+    exit_code = EXIT_USAGE
+    kind = "usage error"
+
+
+class ConfigError(RunnerError):
+    exit_code = EXIT_CONFIG
+    kind = "config error"
+
+
+class DataError(RunnerError):
+    exit_code = EXIT_DATA
+    kind = "data error"
+
+
+class ModelLoadError(RunnerError):
+    exit_code = EXIT_MODEL
+    kind = "model error"
+
+
+class OutOfMemory(RunnerError):
+    exit_code = EXIT_OOM
+    kind = "out of memory"
+
+
+class EnvironmentProblem(RunnerError):
+    exit_code = EXIT_ENVIRONMENT
+    kind = "environment error"
+
+
+class Stopped(BaseException):
+    """Raised by the signal handler outside training, where there is nothing to checkpoint."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# ---------------------------------------------------------------------------------------------
+# Config schema: plain dataclasses, checked by `from_dict` (types, unknown and missing keys) and
+# by each section's `__post_init__` (values and cross-field rules). The launcher imports these.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Invalid(ValueError):
+    """A bad value inside one section; `from_dict` adds the section's key path."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise _Invalid(key, message)
+
+
+@dataclass
+class ModelSection:
+    base: str  # hub id (org/name) or a local folder with config.json and weights
+    quantization: Literal["nf4", "fp4", "none"] = "nf4"
+    double_quant: bool = True  # QLoRA's double quantization of the quantization constants
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.base.strip() != "", "base", "must not be empty; set a hub id or a local model folder")
+
+
+@dataclass
+class SplitsSection:
+    train: float = 0.9
+    validation: float = 0.05
+    test: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("train", "validation", "test"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, name, f"must be a fraction between 0 and 1, got {value}")
+        _require(self.train > 0, "train", "must be > 0, got 0")
+        total = self.train + self.validation + self.test
+        _require(
+            abs(total - 1.0) < 1e-6,
+            "train",
+            f"train + validation + test must add up to 1, got {total:g} "
+            f"({self.train:g} + {self.validation:g} + {self.test:g})",
+        )
+
+
+DEFAULT_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+DEFAULT_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+@dataclass
+class DataSection:
+    path: str  # local file or folder (relative to the config file), or a hub dataset id
+    format: Literal["completion", "instruction", "chat"] = "instruction"
+    max_length: int = 1024
+    packing: bool = False
+    splits: SplitsSection = field(default_factory=SplitsSection)
+    validation_path: Optional[str] = None  # given split files replace the fractions for that split
+    test_path: Optional[str] = None
+    split_seed: int = 42  # apart from train.seed, so changing the training seed keeps the test set
+    text_field: str = "text"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    messages_field: str = "messages"
+    prompt_template: Optional[str] = None  # with {instruction} and optionally {input}
+    subset: Optional[str] = None  # hub datasets: the configuration name
+    hub_split: str = "train"  # hub datasets: which split to read
+
+    def __post_init__(self) -> None:
+        _require(self.path.strip() != "", "path", "must not be empty; set a data file, folder or hub dataset id")
+        _require(self.max_length >= 8, "max_length", f"must be >= 8 tokens, got {self.max_length}")
+        if self.prompt_template is not None:
+            _require(
+                "{instruction}" in self.prompt_template,
+                "prompt_template",
+                "must contain the placeholder {instruction} (and may contain {input})",
+            )
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    target_modules: Union[str, list[str]] = "all-linear"  # all linear layers but the output head
+
+    def __post_init__(self) -> None:
+        _require(self.r > 0, "r", f"must be > 0, got {self.r}")
+        _require(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(bool(self.target_modules), "target_modules", "must name at least one module, or be all-linear")
+
+
+@dataclass
+class TrainSection:
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    micro_batch_size: int = 2
+    grad_accum: int = 4
+    lr: float = 2.0e-4
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    save_every: int = 50  # optimizer steps between checkpoints
+    eval_every: int = 50  # optimizer steps between validation evals
+    keep_checkpoints: int = 3  # newest complete checkpoints kept in DIR/checkpoints
+    seed: int = 42
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported, else fp16; fp32 on CPU
+    optimizer: Literal["auto", "adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        if self.max_steps is not None:
+            _require(self.max_steps > 0, "max_steps", f"must be > 0 or null, got {self.max_steps}")
+        for name in ("micro_batch_size", "grad_accum", "save_every", "eval_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            _require(value >= 1, name, f"must be >= 1, got {value}")
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        if self.device == "cpu":
+            _require(
+                self.precision in ("auto", "fp32"), "precision", f"must be auto or fp32 on the CPU, got {self.precision}"
+            )
+
+
+@dataclass
+class EvalSection:
+    samples: int = 4  # held-out prompts generated before and after fine-tuning
+    max_new_tokens: int = 64
+    batch_size: Optional[int] = None  # test-loss batch; defaults to train.micro_batch_size
+
+    def __post_init__(self) -> None:
+        _require(self.samples >= 0, "samples", f"must be >= 0, got {self.samples}")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size is not None:
+            _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class JobConfig:
+    model: ModelSection
+    data: DataSection
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    # The launcher's sections: the same file travels to the GPU machine, so the runner accepts
+    # them; the launcher validates them with its own schema.
+    resources: Optional[dict] = None
+    storage: Optional[dict] = None
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (numbers widened to float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(e)
+        wanted = " or ".join(_type_word(a) for a in args)
+        raise ConfigError(f"{key}: expected {wanted}, got {_describe(value)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}{hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is float:
+        # YAML 1.1 reads 2e-4 (no dot) as a string; accept what is plainly a number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
+    elif isinstance(value, tp):
+        return value
+    if value is None:
+        raise ConfigError(f"{key}: must be set (expected {_type_word(tp)}), got null")
+    raise ConfigError(f"{key}: expected {_type_word(tp)}, got {_describe(value)}")
+
+
+def _type_word(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is list:
+        return "a list"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return _TYPE_WORDS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping: unknown keys, missing keys and wrong types are
+    ConfigErrors that name the full key path (`train.lr`) and suggest the closest valid key."""
+    prefix = f"{path}." if path else ""
+    if not isinstance(data, dict):
+        where = path or "the config file"
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{prefix}{key}: unknown key; {hint}valid keys here: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            values[name] = _coerce(data[name], hints[name], f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: required key is missing; add it to the config")
+    try:
+        return cls(**values)
+    except _Invalid as e:
+        raise ConfigError(f"{prefix}{e.key}: {e}") from None
+
+
+def load_config(path: str | Path) -> JobConfig:
+    """Read and validate a job YAML. Raises ConfigError naming the file and key."""
+    path = Path(path)
+    try:
+        import yaml
+    except ImportError:
+        raise EnvironmentProblem("PyYAML is not installed: pip install -r runner/requirements.txt") from None
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror}); check the --config path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty; see configs/tiny-cpu.yaml for an example")
+    try:
+        return from_dict(JobConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths: relative paths in the config are relative to the config file.
+# ---------------------------------------------------------------------------------------------
+
+LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or value.endswith(LOCAL_DATA_SUFFIXES) or value.count("/") > 1
+
+
+def resolve_local(value: Optional[str], base_dir: Path) -> tuple[Optional[str], bool]:
+    """Return (value, is_local): an absolute path for what exists or looks like a path,
+    else the value itself, taken as a Hugging Face hub id."""
+    if value is None:
+        return None, False
+    candidate = Path(value).expanduser()
+    if not candidate.is_absolute():
+        candidate = base_dir / candidate
+    if candidate.exists() or _looks_local(value):
+        return str(candidate.resolve()), True
+    return value, False
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory: status, metrics, log, atomic writes
+# ---------------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """DIR and what the runner writes there."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.checkpoints = root / "checkpoints"
+        self.incoming = self.checkpoints / ".incoming"  # where the Trainer writes before we rename
+        self.status_path = root / "status.json"
+        self.metrics_path = root / "metrics.jsonl"
+        self.log_path = root / "runner.log"
+        self.adapter = root / "adapter"
+        self.eval_path = root / "eval.json"
+        self.base_eval_path = root / "base_eval.json"  # kept so a resumed run need not redo it
+        self.samples_path = root / "samples.jsonl"
+        self._status: dict[str, Any] = {}
+
+    def set_status(self, phase: str, **fields: Any) -> None:
+        self._status.update(fields)
+        self._status.update(phase=phase, updated_at=time.time(), pid=os.getpid())
+        write_json_atomic(self.status_path, self._status)
+
+    def read_status(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.status_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def append_metric(self, record: dict[str, Any]) -> None:
+        record = {k: v for k, v in record.items() if v is not None}
+        record.setdefault("time", time.time())
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_metrics_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: drop what the dead run logged
+        past it, so metrics.jsonl keeps one record per step."""
+        if not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if record.get("event") in ("train", "eval") and record.get("step", 0) > step:
+                continue
+            if record.get("event") in ("test", "done"):
+                continue
+            kept.append(line)
+        tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics_path)
+
+
+class Tee:
+    """Writes what the runner prints to the terminal and to runner.log."""
+
+    def __init__(self, stream: Any, log_file: Any) -> None:
+        self.stream = stream
+        self.log_file = log_file
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self.log_file.write(text)
+        self.log_file.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log_file.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: complete only once renamed into place with a manifest
+# ---------------------------------------------------------------------------------------------
+
+MANIFEST = "qlora_complete.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_is_complete(path: Path) -> bool:
+    """A checkpoint is complete when its manifest exists and every file has the listed size,
+    so a half-copied folder (an interrupted rsync, say) is not taken for a good one."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return all((path / name).stat().st_size == size for name, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def complete_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    found = []
+    if checkpoints_dir.is_dir():
+        for child in checkpoints_dir.iterdir():
+            match = CHECKPOINT_RE.match(child.name)
+            if match and child.is_dir() and checkpoint_is_complete(child):
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def finalize_checkpoint(run: RunDir, step: int, keep: int) -> Path:
+    """Move the Trainer's freshly written checkpoint into place, then drop the oldest."""
+    src = run.incoming / f"checkpoint-{step}"
+    files = {}
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+            files[str(p.relative_to(src))] = p.stat().st_size
+    write_json_atomic(src / MANIFEST, {"step": step, "files": files, "time": time.time()})
+    dst = run.checkpoints / f"checkpoint-{step}"
+    if dst.exists():  # e.g. SIGTERM at a step that was just saved: keep the newer copy
+        shutil.rmtree(dst)
+    os.replace(src, dst)
+    for _, old in complete_checkpoints(run.checkpoints)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
+def discard_partial_checkpoints(run: RunDir) -> None:
+    """What a kill -9 left half written is useless; remove it so nothing mistakes it for a checkpoint."""
+    if run.incoming.exists():
+        shutil.rmtree(run.incoming)
+    if run.checkpoints.is_dir():
+        for child in run.checkpoints.iterdir():
+            if CHECKPOINT_RE.match(child.name) and not checkpoint_is_complete(child):
+                log(f"removing incomplete checkpoint {child.name} (no valid {MANIFEST})")
+                shutil.rmtree(child)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: read records, check them, split, render to (text, trained?) segments, tokenize
+# ---------------------------------------------------------------------------------------------
+
+
+def read_records(path: str, is_local: bool, data: DataSection, key: str) -> list[dict[str, Any]]:
+    """Read examples from a local file or folder, or a hub dataset, as a list of dicts."""
+    if not is_local:
+        return _read_hub_dataset(path, data, key)
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{key}: {p} does not exist; check the path (relative paths are relative to the config file)")
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in LOCAL_DATA_SUFFIXES)
+        if not files:
+            raise DataError(f"{key}: folder {p} has no {', '.join(LOCAL_DATA_SUFFIXES)} files")
+        records = [r for f in files for r in _read_file(f, key)]
+    else:
+        records = _read_file(p, key)
+    if not records:
+        raise DataError(f"{key}: {p} has no examples; add some, or point {key} at the right file")
+    return records
+
+
+def _read_file(p: Path, key: str) -> list[dict[str, Any]]:
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            records = []
+            with p.open(encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except ValueError as e:
+                            raise DataError(f"{key}: {p} line {number} is not valid JSON ({e}); fix or remove it") from None
+        elif suffix == ".json":
+            loaded = json.loads(p.read_text(encoding="utf-8"))
+            records = loaded.get("data", loaded) if isinstance(loaded, dict) else loaded
+            if not isinstance(records, list):
+                raise DataError(f"{key}: {p} must hold a JSON list of examples (or {{\"data\": [...]}})")
+        elif suffix == ".csv":
+            with p.open(encoding="utf-8", newline="") as f:
+                records = list(csv.DictReader(f))
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            records = pq.read_table(p).to_pylist()
+        else:
+            raise DataError(f"{key}: cannot read {p.name}: unknown file format {suffix!r}; use .jsonl, .json, .csv or .parquet")
+    except UnicodeDecodeError:
+        raise DataError(f"{key}: {p} is not UTF-8 text; re-save it as UTF-8") from None
+    except ValueError as e:  # invalid .json, or a parquet/csv reader's complaint
+        raise DataError(f"{key}: cannot parse {p}: {e}") from None
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            raise DataError(f"{key}: {p} example {number} is {type(record).__name__}, expected an object with fields")
+    return records
+
+
+def _read_hub_dataset(name: str, data: DataSection, key: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise EnvironmentProblem("the datasets package is missing: pip install -r runner/requirements.txt") from None
+    try:
+        loaded = datasets.load_dataset(name, data.subset, split=data.hub_split)
+    except Exception as e:  # the hub raises many kinds; all mean "cannot read this dataset"
+        raise DataError(
+            f"{key}: cannot load hub dataset {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "check the id, data.subset and data.hub_split, or use a local file"
+        ) from None
+    return [dict(r) for r in loaded]
+
+
+def split_records(records: list, fractions: SplitsSection, seed: int, has_val_file: bool, has_test_file: bool):
+    """Shuffle with `seed` and cut into train/validation/test. Split files given in the config
+    replace their fraction; the train split takes the rest. Same seed, same data -> same split."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n = len(records)
+    frac_val = 0.0 if has_val_file else fractions.validation
+    frac_test = 0.0 if has_test_file else fractions.test
+    n_test = _split_size(n, frac_test)
+    n_val = _split_size(n, frac_val)
+    if n - n_test - n_val < 1:
+        raise DataError(
+            f"data.path: {n} examples are too few for splits {fractions.train:g}/{fractions.validation:g}/"
+            f"{fractions.test:g}; add examples or lower data.splits.validation and data.splits.test"
+        )
+    test = [records[i] for i in order[:n_test]]
+    val = [records[i] for i in order[n_test : n_test + n_val]]
+    train = [records[i] for i in order[n_test + n_val :]]
+    return train, val, test
+
+
+def _split_size(n: int, fraction: float) -> int:
+    if fraction <= 0:
+        return 0
+    return max(1, round(n * fraction))  # a split asked for is never silently empty
+
+
+@dataclass
+class Segment:
+    text: str
+    trained: bool  # labels on these tokens; -100 otherwise
+    eos_after: bool = False  # append the tokenizer's end-of-sequence token (trained with the segment)
+
+
+@dataclass
+class Example:
+    segments: list[Segment]
+
+    @property
+    def prompt(self) -> list[Segment]:
+        """Everything before the last trained segment: what a generation starts from."""
+        last = max(i for i, s in enumerate(self.segments) if s.trained)
+        return self.segments[:last]
+
+    @property
+    def reference(self) -> str:
+        return [s for s in self.segments if s.trained][-1].text
+
+
+def _field(record: dict, name: str, number: int, data: DataSection, key: str, setting: str) -> Any:
+    value = record.get(name)
+    if value is None or value == "":
+        raise DataError(
+            f"{key}: example {number} has no field {name!r} (data.format {data.format} needs it; "
+            f"present fields: {', '.join(map(str, record)) or 'none'}); set data.{setting} if it has another name"
+        )
+    return value
+
+
+def format_records(records: list[dict], data: DataSection, tokenizer: Any, key: str) -> list[Example]:
+    """Render each record as segments per data.format."""
+    examples = []
+    for number, record in enumerate(records, 1):
+        if data.format == "completion":
+            text = str(_field(record, data.text_field, number, data, key, "text_field"))
+            examples.append(Example([Segment(text, trained=True, eos_after=True)]))
+        elif data.format == "instruction":
+            instruction = str(_field(record, data.instruction_field, number, data, key, "instruction_field"))
+            output = str(_field(record, data.output_field, number, data, key, "output_field"))
+            extra = record.get(data.input_field) or ""
+            template = data.prompt_template or (DEFAULT_PROMPT_WITH_INPUT if extra else DEFAULT_PROMPT_NO_INPUT)
+            prompt = template.replace("{instruction}", instruction).replace("{input}", str(extra))
+            examples.append(Example([Segment(prompt, trained=False), Segment(output, trained=True, eos_after=True)]))
+        else:
+            messages = _field(record, data.messages_field, number, data, key, "messages_field")
+            examples.append(Example(render_chat(_check_messages(messages, number, key), tokenizer)))
+    return examples
+
+
+def _check_messages(messages: Any, number: int, key: str) -> list[dict[str, str]]:
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)  # csv cells hold the list as JSON text
+        except ValueError:
+            pass
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
+        raise DataError(f"{key}: example {number}: messages must be a list of {{role, content}} objects")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{key}: example {number} has no assistant message to learn from")
+    return messages
+
+
+FALLBACK_ROLE_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+
+
+def render_chat(messages: list[dict[str, str]], tokenizer: Any) -> list[Segment]:
+    """Segments for a conversation; every assistant turn is trained.
+
+    With the tokenizer's chat template, each assistant turn is the text the template adds
+    between the prompt for that turn and the conversation through that turn. Templates that
+    rewrite earlier turns (reasoning models strip old <think> blocks) break that prefix rule;
+    then only the last assistant turn is trained. Without a template, a plain built-in one."""
+    if getattr(tokenizer, "chat_template", None):
+        def render(msgs: list, gen: bool) -> str:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+        segments: list[Segment] = []
+        done = ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = render(messages[:i], True)
+            full = render(messages[: i + 1], False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                prompt, full = render(messages[:-1], True), render(messages, False)
+                if messages[-1]["role"] != "assistant" or not full.startswith(prompt):
+                    raise DataError("the tokenizer's chat template does not render prompts as prefixes; use data.format: completion")
+                return [Segment(prompt, trained=False), Segment(full[len(prompt) :], trained=True)]
+            segments += [Segment(prompt[len(done) :], trained=False), Segment(full[len(prompt) :], trained=True)]
+            done = full
+        return [s for s in segments if s.text]
+    segments = []
+    pending = ""
+    for m in messages:
+        header = FALLBACK_ROLE_HEADERS.get(m["role"], f"### {m['role'].capitalize()}:\n")
+        if m["role"] == "assistant":
+            segments += [Segment(pending + header, trained=False), Segment(m["content"], trained=True, eos_after=True)]
+            pending = "\n\n"
+        else:
+            pending += f"{header}{m['content']}\n\n"
+    return [s for s in segments if s.text]
+
+
+@dataclass
+class TokenizedSplit:
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    examples: list[Example]  # kept for samples, aligned with input_ids when not packed
+    truncated: int = 0
+    dropped: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.input_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(sum(1 for x in labels if x != -100) for labels in self.labels)
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def encode_segments(tokenizer: Any, segments: list[Segment], bos: bool) -> tuple[list[int], list[int]]:
+    """Token ids and labels for segments, each tokenized on its own so the prompt tokenizes the
+    same in training and in generation."""
+    texts = [s.text for s in segments]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    ids: list[int] = []
+    labels: list[int] = []
+    if bos and not (encoded and encoded[0][:1] == [tokenizer.bos_token_id]):
+        ids.append(tokenizer.bos_token_id)
+        labels.append(-100)
+    for segment, seg_ids in zip(segments, encoded):
+        if segment.eos_after:
+            seg_ids = seg_ids + [tokenizer.eos_token_id]
+        ids += seg_ids
+        labels += seg_ids if segment.trained else [-100] * len(seg_ids)
+    return ids, labels
+
+
+def tokenize_split(examples: list[Example], tokenizer: Any, max_length: int, packing: bool) -> TokenizedSplit:
+    bos = adds_bos(tokenizer)
+    out = TokenizedSplit([], [], [])
+    for example in examples:
+        ids, labels = encode_segments(tokenizer, example.segments, bos)
+        if len(ids) > max_length:
+            out.truncated += 1
+            ids, labels = ids[:max_length], labels[:max_length]
+        if all(x == -100 for x in labels):
+            out.dropped += 1  # the prompt alone fills max_length: nothing left to learn from
+            continue
+        out.input_ids.append(ids)
+        out.labels.append(labels)
+        out.examples.append(example)
+    if packing:
+        out.input_ids, out.labels = pack(out.input_ids, out.labels, max_length)
+    return out
+
+
+def pack(all_ids: list[list[int]], all_labels: list[list[int]], max_length: int):
+    """Greedy packing: whole examples into blocks of at most max_length tokens, in order.
+    Examples in a block attend to each other (plain causal mask), the usual trade for speed."""
+    blocks_ids: list[list[int]] = []
+    blocks_labels: list[list[int]] = []
+    for ids, labels in zip(all_ids, all_labels):
+        if blocks_ids and len(blocks_ids[-1]) + len(ids) <= max_length:
+            blocks_ids[-1] = blocks_ids[-1] + ids
+            blocks_labels[-1] = blocks_labels[-1] + labels
+        else:
+            blocks_ids.append(list(ids))
+            blocks_labels.append(list(labels))
+    return blocks_ids, blocks_labels
+
+
+@dataclass
+class PreparedData:
+    train: TokenizedSplit
+    validation: Optional[TokenizedSplit]
+    test: Optional[TokenizedSplit]
+    total_examples: int
+
+
+def prepare_data(cfg: JobConfig, config_dir: Path, tokenizer: Any) -> PreparedData:
+    data = cfg.data
+    path, local = resolve_local(data.path, config_dir)
+    records = read_records(path, local, data, "data.path")
+    val_path, _ = resolve_local(data.validation_path, config_dir)
+    test_path, _ = resolve_local(data.test_path, config_dir)
+    train_r, val_r, test_r = split_records(records, data.splits, data.split_seed, bool(val_path), bool(test_path))
+    if val_path:
+        val_r = read_records(val_path, True, data, "data.validation_path")
+    if test_path:
+        test_r = read_records(test_path, True, data, "data.test_path")
+
+    splits = {}
+    for name, rs in (("train", train_r), ("validation", val_r), ("test", test_r)):
+        key = {"train": "data.path", "validation": "data.validation_path" if val_path else "data.path",
+               "test": "data.test_path" if test_path else "data.path"}[name]
+        if not rs:
+            splits[name] = None
+            continue
+        examples = format_records(rs, data, tokenizer, key)
+        # Evaluation never packs: each test example is scored on its own.
+        splits[name] = tokenize_split(examples, tokenizer, data.max_length, data.packing and name == "train")
+    train = splits["train"]
+    if not train.input_ids:
+        longest = max(len(encode_segments(tokenizer, e.prompt, False)[0]) for e in format_records(train_r[:200], data, tokenizer, "data.path"))
+        raise DataError(
+            f"data.path: every example is longer than data.max_length={data.max_length} tokens before its answer "
+            f"(longest prompt seen: {longest} tokens); raise data.max_length or shorten the prompts"
+        )
+    for name, split in splits.items():
+        if split is not None and (split.truncated or split.dropped):
+            log(f"warning: {name}: {split.truncated} examples cut to data.max_length={data.max_length}, "
+                f"{split.dropped} dropped (prompt alone too long)")
+    return PreparedData(train, splits["validation"], splits["test"], len(records))
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, precision, model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DevicePlan:
+    device: str  # "cuda" or "cpu"
+    dtype_name: str  # "bfloat16", "float16" or "float32": compute dtype and Trainer precision
+    device_map: Any  # for from_pretrained
+    gpu_name: Optional[str] = None
+
+
+def choose_precision(requested: str, device: str, bf16_supported: bool) -> str:
+    """bf16 where the GPU has it (Ampere and newer), else fp16 (T4, V100, P100); fp32 on the CPU."""
+    if requested == "fp32" or device == "cpu":
+        return "float32"
+    if requested == "bf16":
+        if not bf16_supported:
+            raise ConfigError("train.precision: bf16 is not supported by this GPU; use auto or fp16")
+        return "bfloat16"
+    if requested == "fp16":
+        return "float16"
+    return "bfloat16" if bf16_supported else "float16"
+
+
+def choose_device_map(device: str, gpu_count: int, local_rank: Optional[int]) -> Any:
+    """One process per GPU under torchrun/accelerate (LOCAL_RANK set); otherwise one process
+    spreading a model too big for one GPU over all of them; or all on the CPU."""
+    if device == "cpu":
+        return {"": "cpu"}
+    if local_rank is not None:
+        return {"": local_rank}
+    return "auto" if gpu_count > 1 else {"": 0}
+
+
+def plan_device(train: TrainSection) -> DevicePlan:
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if train.device == "cuda" and not has_cuda:
+        raise EnvironmentProblem(
+            "train.device is cuda but no CUDA GPU is visible (check nvidia-smi and that torch is a CUDA build); "
+            "set train.device: cpu to train on the CPU"
+        )
+    device = "cuda" if has_cuda and train.device != "cpu" else "cpu"
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = choose_precision(train.precision, device, bf16)
+    rank = os.environ.get("LOCAL_RANK")
+    device_map = choose_device_map(device, torch.cuda.device_count() if device == "cuda" else 0, int(rank) if rank else None)
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
+    return DevicePlan(device, dtype, device_map, gpu)
+
+
+def load_tokenizer(base: str, cfg: ModelSection) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:  # OSError, ValueError, HTTP errors: all "cannot load this model"
+        raise ModelLoadError(_model_error("tokenizer", base, e)) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # labels are masked separately, so pad = eos is safe
+    return tokenizer
+
+
+def _model_error(what: str, base: str, e: Exception) -> str:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
+    return (
+        f"model.base: cannot load the {what} of {base!r} ({type(e).__name__}: {first}); a local folder needs "
+        "config.json, weights and tokenizer files, a hub id must exist (check model.revision and HF_TOKEN for gated models)"
+    )
+
+
+def load_model(base: str, cfg: JobConfig, plan: DevicePlan) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = getattr(torch, plan.dtype_name)
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": plan.device_map, "revision": cfg.model.revision,
+                              "trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.quantization != "none":
+        try:
+            import bitsandbytes  # noqa: F401  (fail here with a clear message, not deep inside transformers)
+        except Exception as e:
+            raise EnvironmentProblem(f"bitsandbytes cannot be imported ({e}); pip install -r runner/requirements.txt, "
+                                     "or set model.quantization: none") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.model.quantization,
+            bnb_4bit_use_double_quant=cfg.model.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        if is_oom(e):
+            raise
+        raise ModelLoadError(_model_error("model", base, e)) from None
+    return model
+
+
+def attach_lora(model: Any, cfg: JobConfig) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    gc_kwargs = {"use_reentrant": False}
+    if cfg.model.quantization != "none":
+        # Casts norms and the head to fp32 and enables input grads: the QLoRA recipe.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+        )
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        raise ConfigError(f"lora.target_modules: {e}") from None
+
+
+def is_oom(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, and the allocators' out-of-memory RuntimeErrors (CPU and CUDA)."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def collate(features: list[dict[str, list[int]]], pad_id: int, multiple_of: int = 1) -> dict[str, Any]:
+    """Right-pad a batch; labels pad with -100 so padding never counts in the loss."""
+    import torch
+
+    longest = max(len(f["input_ids"]) for f in features)
+    longest = -(-longest // multiple_of) * multiple_of
+    ids, labels, mask = [], [], []
+    for f in features:
+        pad = longest - len(f["input_ids"])
+        ids.append(f["input_ids"] + [pad_id] * pad)
+        labels.append(f["labels"] + [-100] * pad)
+        mask.append([1] * len(f["input_ids"]) + [0] * pad)
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+def to_dataset(split: TokenizedSplit) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": split.input_ids, "labels": split.labels})
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT during training; the Trainer callback saves and stops at the step's end."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self.training = False
+
+    def handler(self, signum: int, _frame: Any) -> None:
+        if self.training:
+            if self.signum is None:
+                log(f"{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping")
+            self.signum = signum
+        else:
+            raise Stopped(signum)
+
+
+def make_callbacks(run: RunDir, cfg: JobConfig, stop: _StopFlag, plan: DevicePlan) -> list:
+    import torch
+    from transformers import TrainerCallback
+
+    class RunnerCallback(TrainerCallback):
+        """metrics.jsonl, status.json, progress lines, checkpoint finalizing, stop on signal."""
+
+        def __init__(self) -> None:
+            self.last_time = time.time()
+            self.last_tokens = 0
+            self.print_every = 1
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last_time, self.last_tokens = time.time(), state.num_input_tokens_seen
+            self.print_every = max(1, state.max_steps // 25)
+            run.set_status("training", step=state.global_step, total_steps=state.max_steps)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop.signum is not None or state.global_step >= state.max_steps:
+                control.should_save = True  # the last step, and a preempted one, always leave a checkpoint
+            if stop.signum is not None:
+                control.should_training_stop = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            now = time.time()
+            if "loss" in logs:
+                tokens = state.num_input_tokens_seen - self.last_tokens
+                record = {
+                    "event": "train",
+                    "step": state.global_step,
+                    "epoch": round(state.epoch or 0.0, 4),
+                    "loss": logs["loss"],
+                    "lr": logs.get("learning_rate"),
+                    "grad_norm": logs.get("grad_norm"),
+                    "tokens_per_s": round(tokens / max(now - self.last_time, 1e-9), 1),
+                    "gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if plan.device == "cuda" else None,
+                    "time": now,
+                }
+                run.append_metric(record)
+                self.last_time, self.last_tokens = now, state.num_input_tokens_seen
+                run.set_status("training", step=state.global_step, total_steps=state.max_steps)
+                if state.global_step % self.print_every == 0 or state.global_step == state.max_steps:
+                    log(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
+                        f"lr {logs.get('learning_rate', 0):.2e}  {record['tokens_per_s']:.0f} tok/s")
+            if "eval_loss" in logs:
+                run.append_metric({"event": "eval", "step": state.global_step, "eval_loss": logs["eval_loss"], "time": now})
+                log(f"step {state.global_step}/{state.max_steps}  eval loss {logs['eval_loss']:.4f}")
+
+        def on_save(self, args, state, control, **kwargs):
+            dst = finalize_checkpoint(run, state.global_step, cfg.train.keep_checkpoints)
+            run.append_metric({"event": "checkpoint", "step": state.global_step, "path": str(dst.relative_to(run.root))})
+            log(f"checkpoint {dst.name} saved")
+
+    return [RunnerCallback()]
+
+
+def training_arguments(run: RunDir, cfg: JobConfig, plan: DevicePlan, has_validation: bool) -> Any:
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    optimizer = t.optimizer
+    if optimizer == "auto":
+        # Paged 8-bit AdamW is the QLoRA paper's memory saver; it needs CUDA.
+        optimizer = "paged_adamw_8bit" if plan.device == "cuda" else "adamw_torch"
+    return TrainingArguments(
+        output_dir=str(run.incoming),
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=cfg.eval.batch_size or t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        optim=optimizer,
+        bf16=plan.dtype_name == "bfloat16",
+        fp16=plan.dtype_name == "float16",
+        use_cpu=plan.device == "cpu",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=t.save_every,
+        save_total_limit=None,  # we rotate ourselves, after a new checkpoint is complete
+        eval_strategy="steps" if has_validation else "no",
+        eval_steps=t.eval_every,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=plan.device == "cuda",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and samples
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_loss(model: Any, split: TokenizedSplit, batch_size: int, pad_id: int) -> dict[str, float]:
+    """Token-weighted mean cross-entropy over the answer tokens of a split, and its perplexity."""
+    import torch
+
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    device = next(p.device for p in model.parameters())
+    with torch.no_grad():
+        for start in range(0, len(split.input_ids), batch_size):
+            features = [{"input_ids": i, "labels": l} for i, l in
+                        zip(split.input_ids[start : start + batch_size], split.labels[start : start + batch_size])]
+            batch = {k: v.to(device) for k, v in collate(features, pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total_loss += loss.item()
+            total_tokens += int((shift_labels != -100).sum())
+    mean = total_loss / max(total_tokens, 1)
+    return {"loss": mean, "perplexity": math.exp(mean) if mean < 50 else None, "tokens": total_tokens}
+
+
+def generate(model: Any, tokenizer: Any, example: Example, max_new_tokens: int) -> str:
+    import torch
+
+    ids, _ = encode_segments(tokenizer, example.prompt, adds_bos(tokenizer))
+    device = next(p.device for p in model.parameters())
+    inputs = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=inputs,
+            attention_mask=torch.ones_like(inputs),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,  # greedy: the same prompt gives the same text before and after
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
+
+
+def write_samples(model: Any, tokenizer: Any, examples: list[Example], cfg: EvalSection, path: Path) -> list[dict]:
+    """Generations for held-out prompts with the adapter off (the base model) and on."""
+    model.eval()
+    model.config.use_cache = True
+    samples = []
+    for example in examples[: cfg.samples]:
+        with model.disable_adapter():
+            before = generate(model, tokenizer, example, cfg.max_new_tokens)
+        after = generate(model, tokenizer, example, cfg.max_new_tokens)
+        prompt = "".join(s.text for s in example.prompt)
+        samples.append({"prompt": prompt, "reference": example.reference, "before": before, "after": after})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    os.replace(tmp, path)
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def check_dependencies() -> None:
+    missing = []
+    for name in ("torch", "transformers", "peft", "datasets", "accelerate"):
+        try:
+            __import__(name)
+        except Exception as e:  # a broken install raises more than ImportError
+            missing.append(f"{name} ({type(e).__name__}: {e})")
+    if missing:
+        raise EnvironmentProblem(f"cannot import {', '.join(missing)}; pip install -r runner/requirements.txt")
+
+
+def quiet_libraries() -> None:
+    """Library chatter (progress bars, deprecation notes) would bury our progress lines."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+
+
+def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag) -> int:
+    started = time.time()
+    cfg = load_config(config_path)
+    run.set_status("loading", step=0, total_steps=None, error=None, exit_code=None)
+    check_dependencies()
+    quiet_libraries()
+
+    resume_from = None
+    if resume != "never":
+        discard_partial_checkpoints(run)
+        if resume == "auto":
+            found = complete_checkpoints(run.checkpoints)
+            resume_from = found[-1][1] if found else None
+            if resume_from is None:
+                log("--resume auto: no complete checkpoint yet, starting from the beginning")
+        else:
+            resume_from = Path(resume).resolve()
+            if not checkpoint_is_complete(resume_from):
+                raise UsageError(f"--resume {resume}: not a complete checkpoint (no valid {MANIFEST})")
+    if resume_from is not None:
+        step = int(CHECKPOINT_RE.match(resume_from.name).group(1))
+        run.truncate_metrics_after(step)
+        run.append_metric({"event": "resume", "step": step})
+        log(f"resuming from {resume_from.name}")
+
+    import torch
+    from transformers import PrinterCallback, Trainer, set_seed
+
+    set_seed(cfg.train.seed)
+    plan = plan_device(cfg.train)
+    log(f"device {plan.gpu_name or 'cpu'}, compute dtype {plan.dtype_name}, quantization {cfg.model.quantization}")
+    base, _ = resolve_local(cfg.model.base, config_path.parent)
+    tokenizer = load_tokenizer(base, cfg.model)
+
+    data = prepare_data(cfg, config_path.parent, tokenizer)
+    log(f"data: {data.total_examples} examples -> train {len(data.train.input_ids)} sequences "
+        f"({data.train.tokens} tokens, {data.train.trained_tokens} trained), "
+        f"validation {len(data.validation.input_ids) if data.validation else 0}, test {len(data.test.input_ids) if data.test else 0}")
+
+    log(f"loading {cfg.model.base}")
+    model = attach_lora(load_model(base, cfg, plan), cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"LoRA r={cfg.lora.r} on {cfg.lora.target_modules}: {trainable:,} trainable parameters")
+
+    eval_batch = cfg.eval.batch_size or cfg.train.micro_batch_size
+    base_eval = None
+    if data.test is not None:
+        if run.base_eval_path.exists():
+            base_eval = json.loads(run.base_eval_path.read_text())
+        else:
+            run.set_status("evaluating")
+            with model.disable_adapter():
+                base_eval = evaluate_loss(model, data.test, eval_batch, tokenizer.pad_token_id)
+            write_json_atomic(run.base_eval_path, base_eval)
+            run.append_metric({"event": "base_eval", "test_loss": base_eval["loss"]})
+        log(f"base model test loss {base_eval['loss']:.4f}")
+
+    args = training_arguments(run, cfg, plan, data.validation is not None)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=to_dataset(data.train),
+        eval_dataset=to_dataset(data.validation) if data.validation else None,
+        data_collator=lambda f: collate(f, tokenizer.pad_token_id, 8 if plan.device == "cuda" else 1),
+        callbacks=make_callbacks(run, cfg, stop, plan),
+    )
+    trainer.remove_callback(PrinterCallback)  # our callback prints (and records) progress
+    stop.training = True
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        stop.training = False
+    if stop.signum is not None:
+        code = EXIT_PREEMPTED if stop.signum == signal.SIGTERM else EXIT_INTERRUPTED
+        step = trainer.state.global_step
+        run.set_status("preempted", step=step, exit_code=code,
+                       error=f"stopped by {signal.Signals(stop.signum).name} at step {step}; resume with --resume auto")
+        log(f"stopped at step {step}; checkpoint-{step} saved; continue with --resume auto")
+        return code
+
+    if run.incoming.exists():
+        shutil.rmtree(run.incoming)
+    run.set_status("saving", step=trainer.state.global_step)
+    tmp = run.root / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(run.adapter, ignore_errors=True)
+    os.replace(tmp, run.adapter)
+    log(f"adapter saved to {run.adapter}")
+
+    run.set_status("evaluating")
+    report: dict[str, Any] = {"train_steps": trainer.state.global_step, "train_loss": result.training_loss}
+    if data.test is not None:
+        final = evaluate_loss(model, data.test, eval_batch, tokenizer.pad_token_id)
+        report.update(test_loss=final["loss"], test_perplexity=final["perplexity"], test_tokens=final["tokens"],
+                      test_examples=len(data.test.input_ids), base_test_loss=base_eval["loss"],
+                      base_test_perplexity=base_eval["perplexity"])
+        run.append_metric({"event": "test", "test_loss": final["loss"], "base_test_loss": base_eval["loss"]})
+        log(f"test loss {base_eval['loss']:.4f} (base) -> {final['loss']:.4f} (fine-tuned)")
+        if cfg.eval.samples:
+            samples = write_samples(model, tokenizer, data.test.examples, cfg.eval, run.samples_path)
+            for s in samples[:2]:
+                log(f"sample: {s['prompt']!r}\n    before: {s['before'][:120]!r}\n    after:  {s['after'][:120]!r}")
+    else:
+        report["test_loss"] = None
+        report["note"] = "no test split (data.splits.test is 0 and no data.test_path)"
+    if plan.device == "cuda":
+        report["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+    report["runtime_s"] = round(time.time() - started, 1)
+    write_json_atomic(run.eval_path, report)
+    run.append_metric({"event": "done", "step": trainer.state.global_step})
+    run.set_status("done", step=trainer.state.global_step, exit_code=EXIT_OK)
+    log("done")
+    return EXIT_OK
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="QLoRA fine-tuning runner (see the module docstring).")
+    parser.add_argument("--config", required=True, type=Path, help="job YAML")
+    parser.add_argument("--out", required=True, type=Path, help="run directory (created if missing)")
+    parser.add_argument("--resume", default="never",
+                        help="auto: continue from DIR's newest complete checkpoint (or start fresh if none); "
+                             "never (default); or a checkpoint folder")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    run = RunDir(args.out.resolve())
+    run.root.mkdir(parents=True, exist_ok=True)
+    log_file = run.log_path.open("a", buffering=1)
+    sys.stdout, sys.stderr = Tee(sys.__stdout__, log_file), Tee(sys.__stderr__, log_file)
+    stop = _StopFlag()
+    signal.signal(signal.SIGTERM, stop.handler)
+    signal.signal(signal.SIGINT, stop.handler)
+    code = EXIT_INTERNAL
+    try:
+        previous = run.read_status()
+        if args.resume == "never" and (previous.get("phase") == "done" or complete_checkpoints(run.checkpoints)):
+            raise UsageError(f"{run.root} already holds a run; continue it with --resume auto, or pick a new --out")
+        if args.resume != "never" and previous.get("phase") == "done":
+            log(f"{run.root} is already done; nothing to resume")
+            return EXIT_OK
+        code = run_job(args.config.resolve(), run, args.resume, stop)
+    except Stopped as e:
+        code = EXIT_PREEMPTED if e.signum == signal.SIGTERM else EXIT_INTERRUPTED
+        run.set_status("preempted", exit_code=code, error=f"stopped by {e} before training; rerun with --resume auto")
+        log(f"stopped by {e} before training started; nothing to checkpoint")
+    except RunnerError as e:
+        code = e.exit_code
+        _fail(run, code, f"{e.kind}: {e}", args.debug)
+    except Exception as e:  # noqa: BLE001  (the last line of defence: classify, record, one line)
+        if is_oom(e):
+            code = EXIT_OOM
+            status = run.read_status()
+            message = (f"out of memory at step {status.get('step', 0)} ({str(e).splitlines()[0][:160]}); lower "
+                       "train.micro_batch_size or data.max_length, set train.gradient_checkpointing: true, or use a bigger GPU")
+            _fail(run, code, message, args.debug)
+        else:
+            code = EXIT_INTERNAL
+            _fail(run, code, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", args.debug)
+    finally:
+        sys.stdout.flush()
+    return code
+
+
+def _fail(run: RunDir, code: int, message: str, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    try:
+        run.set_status("failed", exit_code=code, error=message)
+    except OSError:
+        pass
+    print(f"qlora_runner: {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
