@@ -1014,7 +1014,19 @@ def load_model(base: str, cfg: JobConfig, plan: DevicePlan) -> Any:
         if is_oom(e):
             raise
         raise ModelLoadError(_model_error("model", base, e)) from None
+    if plan.device == "cpu":
+        keep_cpu_4bit_kernel_fixed(model)
     return model
+
+
+def keep_cpu_4bit_kernel_fixed(model: Any) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for a faster kernel the first
+    time a layer runs in eval mode without grad, and keeps them repacked. Training then runs
+    on the other kernel, whose sums differ in the last bits, so a run that evaluated before a
+    step and a resumed run that did not would drift apart. One kernel throughout keeps resume exact."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_lora(model: Any, cfg: JobConfig) -> Any:
