@@ -175,6 +175,7 @@ class SplitsSection:
         )
 
 
+PLACEHOLDER_RE = re.compile(r"\{(instruction|input)\}")
 DEFAULT_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 DEFAULT_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
@@ -286,6 +287,17 @@ class JobConfig:
     storage: Optional[dict] = None
 
 
+# The names other tools use for our keys (transformers' TrainingArguments, axolotl), so a user
+# who types theirs is told ours.
+KEY_ALIASES = {
+    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
+    "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+    "micro_batch": "micro_batch_size", "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler": "scheduler", "lr_scheduler_type": "scheduler", "save_steps": "save_every",
+    "eval_steps": "eval_every", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "sequence_len": "max_length", "max_seq_length": "max_length", "base_model": "base",
+}
+
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
 
 
@@ -322,13 +334,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, key)
     if tp is float:
         # YAML 1.1 reads 2e-4 (no dot) as a string; accept what is plainly a number.
+        number = None
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            return number
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -365,7 +382,8 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            alias = KEY_ALIASES.get(str(key))
+            close = [alias] if alias in fields else difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(f"{prefix}{key}: unknown key; {hint}valid keys here: {', '.join(fields)}")
     values = {}
@@ -391,6 +409,8 @@ def load_config(path: str | Path) -> JobConfig:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file ({e.strerror}); check the --config path") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the config file is not UTF-8 text; re-save it as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -459,6 +479,7 @@ class RunDir:
         self.base_eval_path = root / "base_eval.json"  # kept so a resumed run need not redo it
         self.samples_path = root / "samples.jsonl"
         self._status: dict[str, Any] = {}
+        self.config: Optional[JobConfig] = None  # set once loaded, for error messages
 
     def set_status(self, phase: str, **fields: Any) -> None:
         self._status.update(fields)
@@ -598,7 +619,7 @@ def read_records(path: str, is_local: bool, data: DataSection, key: str) -> list
     if not p.exists():
         raise DataError(f"{key}: {p} does not exist; check the path (relative paths are relative to the config file)")
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in LOCAL_DATA_SUFFIXES)
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in LOCAL_DATA_SUFFIXES)
         if not files:
             raise DataError(f"{key}: folder {p} has no {', '.join(LOCAL_DATA_SUFFIXES)} files")
         records = [r for f in files for r in _read_file(f, key)]
@@ -731,7 +752,9 @@ def format_records(records: list[dict], data: DataSection, tokenizer: Any, key: 
             output = str(_field(record, data.output_field, number, data, key, "output_field"))
             extra = record.get(data.input_field) or ""
             template = data.prompt_template or (DEFAULT_PROMPT_WITH_INPUT if extra else DEFAULT_PROMPT_NO_INPUT)
-            prompt = template.replace("{instruction}", instruction).replace("{input}", str(extra))
+            # One pass over the template, so "{input}" inside the user's own text stays as written.
+            values = {"instruction": instruction, "input": str(extra)}
+            prompt = PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], template)
             examples.append(Example([Segment(prompt, trained=False), Segment(output, trained=True, eos_after=True)]))
         else:
             messages = _field(record, data.messages_field, number, data, key, "messages_field")
@@ -910,6 +933,9 @@ def prepare_data(cfg: JobConfig, config_dir: Path, tokenizer: Any) -> PreparedDa
         if split is not None and (split.truncated or split.dropped):
             log(f"warning: {name}: {split.truncated} examples cut to data.max_length={data.max_length}, "
                 f"{split.dropped} dropped (prompt alone too long)")
+        if name != "train" and split is not None and not split.input_ids:
+            log(f"warning: every {name} example was dropped; there is no {name} split")
+            splits[name] = None
     return PreparedData(train, splits["validation"], splits["test"], len(records))
 
 
@@ -1304,6 +1330,7 @@ def quiet_libraries() -> None:
 def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag) -> int:
     started = time.time()
     cfg = load_config(config_path)
+    run.config = cfg
     run.set_status("loading", step=0, total_steps=None, error=None, exit_code=None)
     check_dependencies()
     quiet_libraries()
@@ -1438,14 +1465,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     stop = _StopFlag()
     signal.signal(signal.SIGTERM, stop.handler)
     signal.signal(signal.SIGINT, stop.handler)
+    # An existing run is left exactly as it is: refusing must not overwrite its status.
+    previous = run.read_status()
+    if args.resume == "never" and (previous.get("phase") == "done" or complete_checkpoints(run.checkpoints)):
+        print(f"qlora_runner: usage error: {run.root} already holds a run; continue it with --resume auto, "
+              "or pick a new --out", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    if args.resume != "never" and previous.get("phase") == "done":
+        log(f"{run.root} is already done; nothing to resume")
+        return EXIT_OK
     code = EXIT_INTERNAL
     try:
-        previous = run.read_status()
-        if args.resume == "never" and (previous.get("phase") == "done" or complete_checkpoints(run.checkpoints)):
-            raise UsageError(f"{run.root} already holds a run; continue it with --resume auto, or pick a new --out")
-        if args.resume != "never" and previous.get("phase") == "done":
-            log(f"{run.root} is already done; nothing to resume")
-            return EXIT_OK
         code = run_job(args.config.resolve(), run, args.resume, stop)
     except Stopped as e:
         code = EXIT_PREEMPTED if e.signum == signal.SIGTERM else EXIT_INTERRUPTED
@@ -1457,16 +1487,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as e:  # noqa: BLE001  (the last line of defence: classify, record, one line)
         if is_oom(e):
             code = EXIT_OOM
-            status = run.read_status()
-            message = (f"out of memory at step {status.get('step', 0)} ({str(e).splitlines()[0][:160]}); lower "
-                       "train.micro_batch_size or data.max_length, set train.gradient_checkpointing: true, or use a bigger GPU")
-            _fail(run, code, message, args.debug)
+            _fail(run, code, oom_message(e, run), args.debug)
         else:
             code = EXIT_INTERNAL
             _fail(run, code, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", args.debug)
     finally:
         sys.stdout.flush()
     return code
+
+
+def oom_message(e: BaseException, run: RunDir) -> str:
+    """One line: where it ran out, what it tried to allocate, and the knobs that lower the need."""
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    detail = detail.split("DefaultCPUAllocator: ")[-1].split(". Error code")[0]  # drop the allocator's preamble
+    step = run.read_status().get("step", 0)
+    cfg = run.config
+    now = ""
+    if cfg is not None:
+        gc = "on" if cfg.train.gradient_checkpointing else "off"
+        now = (f" (now micro_batch_size {cfg.train.micro_batch_size}, max_length {cfg.data.max_length}, "
+               f"gradient_checkpointing {gc})")
+    return (f"out of memory at step {step}: {detail[:200]}; lower train.micro_batch_size or data.max_length, "
+            f"turn on train.gradient_checkpointing, or use a GPU with more memory{now}")
 
 
 def _fail(run: RunDir, code: int, message: str, debug: bool) -> None:
