@@ -36,12 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None, console: Optional[Console] = None) -> int:
+def main(argv: Optional[list[str]] = None, console: Optional[Console] = None,
+         errors: Optional[Console] = None) -> int:
     console = console or Console()
+    errors = errors or Console(stderr=True, soft_wrap=True)  # one error, one line: never wrapped
     args = build_parser().parse_args(argv)
     config = args.config or DEFAULT_CONFIG
     if not config.is_file():
-        console.print(f"[red]error:[/] config file {config} not found; pass --config PATH")
+        errors.print(f"[red]error:[/] config file {config} not found; pass --config PATH")
         return EXIT_USAGE
     if args.config is None:
         console.print(f"No --config given: running the embedded default, [bold]{config}[/]")
@@ -52,13 +54,13 @@ def main(argv: Optional[list[str]] = None, console: Optional[Console] = None) ->
     try:
         qlora_runner.load_config(config)
     except qlora_runner.RunnerError as e:
-        console.print(f"[red]{e.kind}:[/] {e}")
+        errors.print(f"[red]{e.kind}:[/] {e}")
         return e.exit_code
     console.rule(f"[bold]qlora-launch[/] {config} on the local target")
     try:
         result = run_locally(config.resolve(), args.runs_dir.resolve(), debug=args.debug)
     except LocalTargetError as e:
-        console.print(f"[red]error:[/] {e}")
+        errors.print(f"[red]error:[/] {e}")
         return qlora_runner.EXIT_ENVIRONMENT
     render_summary(console, result)
     return result.exit_code

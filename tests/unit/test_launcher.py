@@ -1,0 +1,51 @@
+"""The laptop side stays light, and the ready configs are valid for the runner's schema."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, load_runner_module
+
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate")
+
+
+def test_laptop_install_does_not_pull_torch():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = [dep.split(">")[0].split("=")[0].split("[")[0].strip().lower() for dep in project["dependencies"]]
+    assert not set(names) & set(HEAVY)
+    runner_extra = {dep.split(">")[0].split("=")[0].strip().lower() for dep in project["optional-dependencies"]["runner"]}
+    requirements = {line.split(">")[0].split("=")[0].strip().lower()
+                    for line in (ROOT / "runner" / "requirements.txt").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")}
+    assert set(HEAVY) <= runner_extra == requirements  # the extra and the remote's list agree
+
+
+def test_launcher_imports_nothing_heavy():
+    code = ("import sys, launcher.cli, launcher.local_run; "
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_ready_configs_are_valid(config: Path):
+    cfg = load_runner_module().load_config(config)
+    assert cfg.model.quantization == "nf4"
+    assert cfg.train.gradient_checkpointing or cfg.train.device == "cpu"
+
+
+def test_ready_configs_cover_the_models_users_tune():
+    bases = {load_runner_module().load_config(p).model.base for p in (ROOT / "configs").glob("*.yaml")}
+    assert {"mistralai/Mistral-7B-v0.3", "meta-llama/Llama-3.1-8B-Instruct",
+            "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "tiny/model"} <= bases
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    command = next(line.strip() for line in readme.splitlines() if "pytest" in line and "pip install" in line)
+    assert command in (ROOT / ".ci" / "run").read_text()
