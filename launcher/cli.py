@@ -88,7 +88,7 @@ def render_summary(console: Console, result: RunResult) -> None:
         for column in ("prompt", "reference", "before", "after"):
             table.add_column(column, overflow="fold")
         for s in result.samples:
-            table.add_row(s["prompt"].strip(), s["reference"], s["before"], s["after"])
+            table.add_row(" ".join(s["prompt"].split()), s["reference"], s["before"], s["after"])  # one line per prompt
         console.print(table)
     if (result.run_dir / "adapter").is_dir():
         console.print(f"adapter: {result.run_dir / 'adapter'}")
