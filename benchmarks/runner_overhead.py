@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How much the QLoRA runner costs over a plain peft training loop, on the tiny CPU config.
 
-    python benchmarks/runner_overhead.py                      # 100 steps, 3 repeats, a table
+    python benchmarks/runner_overhead.py          # 200 steps, 3 repeats, a table: ~2 min on 2 idle cores
     python benchmarks/runner_overhead.py --steps 60 --repeats 5 --json
 
 Each repeat runs two child processes, one after the other, runner first:
@@ -40,8 +40,9 @@ window the runner does everything it normally does per step: the Trainer's loop,
 append, the status.json rewrite (with fsync) and the progress line; that is the overhead measured.
 
 On 2 CPU cores the results are only as quiet as the machine: another busy process makes torch's
-OpenMP threads spin, and a step can take 100x longer. The load average is printed; compare runs
-made at low load. Repeats alternate runner and plain and the medians are reported.
+OpenMP threads spin, and a step can take 100x longer. The CPU time other processes took during
+each child (from /proc/stat, hypervisor steal included) is printed, with a warning above 0.1 cores.
+Repeats alternate runner and plain, and the medians are reported.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -97,7 +99,7 @@ class ProcessUsage:
     peak_rss_mib: float
     wall_s: float
     cpu_s: float  # user + system
-    other_cpu_cores: float  # CPU time of every other process on the host over wall_s, in cores
+    other_cpu_cores: float  # CPU time of all other processes (and VM steal) over wall_s, in cores
 
 
 @dataclass
@@ -107,7 +109,7 @@ class ChildRun:
     side: str  # "runner" or "plain"
     throughput: Throughput
     process: ProcessUsage
-    final_loss: float | None
+    final_loss: float  # the last step's training loss: both sides should end near each other
     window_events: list[str]  # non-train events (saves, evals) that fell inside the timed window
 
 
@@ -166,9 +168,10 @@ def write_job(path: Path, steps: int) -> Path:
 
 
 def host_busy_cpu_s() -> float:
-    """CPU seconds all processes on the host have spent busy since boot (/proc/stat)."""
-    user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds since boot that the host's CPUs were busy or, in a VM, stolen by the hypervisor
+    (/proc/stat): either way not available to a benchmark that wants both cores."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def run_child(command: list[str], log_path: Path) -> ProcessUsage:
@@ -245,7 +248,7 @@ def load_plain_model(runner: Any, cfg: Any, base: str) -> Any:
     return get_peft_model(model, lora)
 
 
-def shuffled_batches(runner: Any, split: Any, batch_size: int, pad_id: int, seed: int):
+def shuffled_batches(runner: Any, split: Any, batch_size: int, pad_id: int, seed: int) -> Iterator[dict[str, Any]]:
     """Endless batches: a new permutation each epoch, the short last batch kept (drop_last=False)."""
     import torch
 
@@ -254,8 +257,8 @@ def shuffled_batches(runner: Any, split: Any, batch_size: int, pad_id: int, seed
     while True:
         order = torch.randperm(n, generator=generator).tolist()
         for start in range(0, n, batch_size):
-            features = [{"input_ids": split.input_ids[i], "labels": split.labels[i]} for i in order[start:start + batch_size]]
-            yield runner.collate(features, pad_id)
+            chosen = order[start:start + batch_size]
+            yield runner.collate([{"input_ids": split.input_ids[i], "labels": split.labels[i]} for i in chosen], pad_id)
 
 
 def plain_training(job: Path, result_path: Path) -> None:
@@ -379,7 +382,7 @@ def format_table(summary: dict[str, Any]) -> str:
          f"{summary['warmup_steps_skipped'] + 1}-{summary['max_steps']}), median of {summary['repeats']} "
          "repeats, runner and plain alternating"),
         (f"host: {host['cpu_count']} CPUs ({host['cpus_usable']} usable), torch {host.get('torch')} with "
-         f"{host.get('torch_threads')} threads; other processes used at most "
+         f"{host.get('torch_threads')} threads; other processes (and VM steal) took at most "
          f"{host['other_processes_cpu_cores_max']:.2f} CPU cores during a run"),
         "",
         f"{'':24}{'runner':>12}{'plain peft':>12}{'runner/plain':>14}",
@@ -406,7 +409,7 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Runner vs plain peft loop throughput and memory (see the docstring).")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run (train.max_steps)")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run (train.max_steps)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating; medians reported")
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
