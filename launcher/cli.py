@@ -19,6 +19,7 @@ from rich.table import Table
 from launcher import __version__
 from launcher.local_run import LocalTargetError, RunResult, run_locally
 from launcher.paths import DEFAULT_CONFIG, RUNNER_FILE
+from launcher.runs import RunStore
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -58,7 +59,7 @@ def main(argv: Optional[list[str]] = None, console: Optional[Console] = None,
         return e.exit_code
     console.rule(f"[bold]qlora-launch[/] {config} on the local target")
     try:
-        result = run_locally(config.resolve(), args.runs_dir.resolve(), debug=args.debug)
+        result = run_locally(config.resolve(), args.runs_dir.resolve(), RunStore.default(), debug=args.debug)
     except LocalTargetError as e:
         errors.print(f"[red]error:[/] {e}")
         return qlora_runner.EXIT_ENVIRONMENT
@@ -70,7 +71,7 @@ def render_summary(console: Console, result: RunResult) -> None:
     console.rule("summary")
     phase = result.status.get("phase", "unknown")
     colour = "green" if phase == "done" else "red"
-    console.print(f"run folder: {result.run_dir}")
+    console.print(f"run: {result.run_dir.name}  folder: {result.run_dir}")
     console.print(f"status: [{colour}]{phase}[/] (exit code {result.exit_code})")
     if result.status.get("error"):
         console.print(f"error: {result.status['error']}")

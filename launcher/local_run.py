@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from launcher.paths import RUNNER_FILE
+from launcher.runs import RunRecord, RunStore
 
 RUNNER_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate")
 
@@ -47,22 +48,35 @@ def check_runner_packages() -> None:
         )
 
 
-def run_locally(config: Path, runs_dir: Path, debug: bool = False) -> RunResult:
-    """Train `config` on this machine into runs_dir/<run-id>/ and return what it produced.
-    Ctrl-C reaches the runner too (same process group): it saves a checkpoint and exits 130."""
+def run_locally(config: Path, runs_dir: Path, store: RunStore, debug: bool = False) -> RunResult:
+    """Train `config` on this machine into runs_dir/<run-id>/ and return what it produced; the
+    run record follows each transition. Ctrl-C reaches the runner too (same process group):
+    it saves a checkpoint and exits 130."""
     check_runner_packages()
-    run_dir = runs_dir / new_run_id(config)
+    run_id = new_run_id(config)
+    run_dir = runs_dir / run_id
     run_dir.mkdir(parents=True)
+    store.create(RunRecord(id=run_id, config_path=str(config), run_dir=str(run_dir), target="local"))
     command = [sys.executable, str(RUNNER_FILE), "--config", str(config), "--out", str(run_dir)]
     if debug:
         command.append("--debug")
     child = subprocess.Popen(command)
+    store.update(run_id, status="running")
     try:
         exit_code = child.wait()
     except KeyboardInterrupt:
         # The runner got the same SIGINT and is saving a checkpoint: wait for it to finish.
         exit_code = _wait_after_interrupt(child)
-    return collect(run_dir, exit_code)
+    result = collect(run_dir, exit_code)
+    store.update(run_id, status=run_status(exit_code), exit_code=exit_code, ended_at=time.time(),
+                 step=result.status.get("step"), total_steps=result.status.get("total_steps"),
+                 error=result.status.get("error"))
+    return result
+
+
+def run_status(exit_code: int) -> str:
+    """The runner's exit code as a run record status."""
+    return {0: "done", 143: "preempted", 130: "interrupted"}.get(exit_code, "failed")
 
 
 def _wait_after_interrupt(child: subprocess.Popen) -> int:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from launcher.runs import RunStore
 from tests.helpers import ROOT, read_json, tiny_job
 
 
 def launch(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "120", "QLORA_LAUNCH_HOME": str(cwd / "home")}
     return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "120"})
+                          timeout=300, env=env)
 
 
 def test_launch_runs_the_config_locally(tmp_path):
@@ -21,6 +23,9 @@ def test_launch_runs_the_config_locally(tmp_path):
     assert read_json(run_dir / "status.json")["phase"] == "done"
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert "fine-tuned" in proc.stdout and "base model" in proc.stdout  # the summary table
+    (record,) = RunStore(tmp_path / "home" / "runs.sqlite").list()
+    assert (record.id, record.status, record.exit_code, record.target) == (run_dir.name, "done", 0, "local")
+    assert (record.step, record.total_steps) == (20, 20) and record.ended_at >= record.created_at
 
 
 def test_launch_stops_on_a_config_error_before_running(tmp_path):

@@ -1,0 +1,110 @@
+"""Run records: one SQLite row per run in the user's state directory, updated at every
+transition, so a run stays known after the launcher was killed or the laptop closed.
+
+The state directory is $QLORA_LAUNCH_HOME when set (the tests set it), else
+$XDG_STATE_HOME/qlora-launch, else ~/.local/state/qlora-launch. Secrets never go here."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+# created -> running -> done | failed | preempted | interrupted
+STATUSES = ("created", "running", "done", "failed", "preempted", "interrupted")
+
+
+def state_dir() -> Path:
+    home = os.environ.get("QLORA_LAUNCH_HOME")
+    if home:
+        return Path(home).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "qlora-launch"
+
+
+class RunNotFound(KeyError):
+    def __str__(self) -> str:
+        return f"no run {self.args[0]!r} in the run records; `launch runs` lists them"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: str
+    config_path: str
+    run_dir: str
+    target: str
+    status: str = "created"
+    gpu: Optional[str] = None
+    step: Optional[int] = None
+    total_steps: Optional[int] = None
+    usd_per_hour: float = 0.0  # 0 for the local target and own boxes
+    exit_code: Optional[int] = None
+    error: Optional[str] = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    ended_at: Optional[float] = None
+
+
+_COLUMNS = [f.name for f in dataclasses.fields(RunRecord)]
+_SQL_TYPES = {"str": "TEXT", "Optional[str]": "TEXT", "int": "INTEGER", "Optional[int]": "INTEGER",
+              "float": "REAL", "Optional[float]": "REAL"}
+
+
+class RunStore:
+    """The run records table. Each call commits: a killed launcher loses nothing it recorded."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None)  # autocommit
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")  # a reader (launch status) never blocks a writer
+        columns = ", ".join(
+            f"{f.name} {_SQL_TYPES[str(f.type)]}{' PRIMARY KEY' if f.name == 'id' else ''}"
+            for f in dataclasses.fields(RunRecord)
+        )
+        self._db.execute(f"CREATE TABLE IF NOT EXISTS runs ({columns})")
+
+    @classmethod
+    def default(cls) -> "RunStore":
+        return cls(state_dir() / "runs.sqlite")
+
+    def create(self, record: RunRecord) -> RunRecord:
+        now = time.time()
+        record = dataclasses.replace(record, created_at=now, updated_at=now)
+        values = dataclasses.asdict(record)
+        self._db.execute(
+            f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})",
+            [values[c] for c in _COLUMNS],
+        )
+        return record
+
+    def update(self, run_id: str, **fields: Any) -> RunRecord:
+        unknown = set(fields) - set(_COLUMNS) | ({"id", "created_at"} & set(fields))
+        if unknown:
+            raise ValueError(f"cannot set {', '.join(sorted(unknown))} on a run record")
+        if "status" in fields and fields["status"] not in STATUSES:
+            raise ValueError(f"unknown run status {fields['status']!r}; one of {', '.join(STATUSES)}")
+        fields["updated_at"] = time.time()
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        cursor = self._db.execute(f"UPDATE runs SET {assignments} WHERE id = ?", [*fields.values(), run_id])
+        if cursor.rowcount == 0:
+            raise RunNotFound(run_id)
+        return self.get(run_id)
+
+    def get(self, run_id: str) -> RunRecord:
+        row = self._db.execute("SELECT * FROM runs WHERE id = ?", [run_id]).fetchone()
+        if row is None:
+            raise RunNotFound(run_id)
+        return RunRecord(**dict(row))
+
+    def list(self, limit: int = 50) -> list[RunRecord]:
+        rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", [limit]).fetchall()
+        return [RunRecord(**dict(row)) for row in rows]
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,70 @@
+"""Run records survive the process that wrote them and refuse what they cannot hold."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launcher.local_run import run_status
+from launcher.runs import RunNotFound, RunRecord, RunStore, state_dir
+from tests.helpers import ROOT
+
+
+def record(run_id: str) -> RunRecord:
+    return RunRecord(id=run_id, config_path="/c.yaml", run_dir=f"/runs/{run_id}", target="local")
+
+
+def test_records_persist_across_connections_and_processes(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    store = RunStore(path)
+    store.create(record("a"))
+    store.update("a", status="running", step=3, total_steps=10)
+    store.close()
+    # Another process (a launcher started after this one died) sees what was recorded.
+    code = ("import sys; from launcher.runs import RunStore; r = RunStore(__import__('pathlib').Path(sys.argv[1]))"
+            ".get('a'); print(r.status, r.step, r.total_steps)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["running", "3", "10"]
+
+
+def test_list_is_newest_first_and_get_unknown_is_clear(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    for run_id in ("first", "second", "third"):
+        store.create(record(run_id))
+    assert [r.id for r in store.list()] == ["third", "second", "first"]
+    assert [r.id for r in store.list(limit=1)] == ["third"]
+    with pytest.raises(RunNotFound, match="launch runs"):
+        store.get("nope")
+    with pytest.raises(RunNotFound):
+        store.update("nope", status="done")
+
+
+def test_update_refuses_unknown_fields_and_statuses(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    store.create(record("a"))
+    with pytest.raises(ValueError, match="api_key"):
+        store.update("a", api_key="secret")
+    with pytest.raises(ValueError, match="id"):
+        store.update("a", id="b")
+    with pytest.raises(ValueError, match="unknown run status"):
+        store.update("a", status="finished")
+    assert store.get("a").status == "created"
+
+
+def test_state_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("QLORA_LAUNCH_HOME", str(tmp_path / "home"))
+    assert state_dir() == tmp_path / "home"
+    monkeypatch.delenv("QLORA_LAUNCH_HOME")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert state_dir() == tmp_path / "xdg" / "qlora-launch"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert state_dir() == Path.home() / ".local" / "state" / "qlora-launch"
+
+
+@pytest.mark.parametrize("code, status", [(0, "done"), (143, "preempted"), (130, "interrupted"), (3, "failed"),
+                                          (6, "failed"), (-9, "failed")])
+def test_runner_exit_codes_map_to_statuses(code, status):
+    assert run_status(code) == status
