@@ -1034,11 +1034,9 @@ def load_model(base: str, cfg: JobConfig, plan: DevicePlan) -> Any:
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    except torch.OutOfMemoryError:
-        raise
     except Exception as e:
         if is_oom(e):
-            raise
+            raise  # main() reports it as out of memory, not as a model that cannot load
         raise ModelLoadError(_model_error("model", base, e)) from None
     if plan.device == "cpu":
         keep_cpu_4bit_kernel_fixed(model)
