@@ -454,14 +454,18 @@ def resolve_local(value: Optional[str], base_dir: Path) -> tuple[Optional[str], 
 # ---------------------------------------------------------------------------------------------
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Readers (the launcher, a resumed run) see the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 class RunDir:
@@ -514,9 +518,7 @@ class RunDir:
             if record.get("event") in ("test", "done"):
                 continue
             kept.append(line)
-        tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.metrics_path)
+        write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
 
 
 class Tee:
@@ -913,9 +915,10 @@ def prepare_data(cfg: JobConfig, config_dir: Path, tokenizer: Any) -> PreparedDa
         test_r = read_records(test_path, True, data, "data.test_path")
 
     splits = {}
-    for name, rs in (("train", train_r), ("validation", val_r), ("test", test_r)):
-        key = {"train": "data.path", "validation": "data.validation_path" if val_path else "data.path",
-               "test": "data.test_path" if test_path else "data.path"}[name]
+    sources = (("train", train_r, "data.path"),
+               ("validation", val_r, "data.validation_path" if val_path else "data.path"),
+               ("test", test_r, "data.test_path" if test_path else "data.path"))
+    for name, rs, key in sources:
         if not rs:
             splits[name] = None
             continue
@@ -1287,9 +1290,7 @@ def write_samples(model: Any, tokenizer: Any, examples: list[Example], cfg: Eval
         after = generate(model, tokenizer, example, cfg.max_new_tokens)
         prompt = "".join(s.text for s in example.prompt)
         samples.append({"prompt": prompt, "reference": example.reference, "before": before, "after": after})
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(s) + "\n" for s in samples))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(s) + "\n" for s in samples))
     return samples
 
 
