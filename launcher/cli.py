@@ -1,102 +1,397 @@
-"""`launch`: argument parsing and rich rendering only; the work is in local_run.py.
+"""`launch`: argument parsing and rich rendering only; the work is in job.py.
 
-    launch                                   # the embedded default: configs/tiny-cpu.yaml, here
-    launch --config configs/tiny-cpu.yaml    # a job on the local target
+    launch                                        # the embedded default: configs/tiny-cpu.yaml, here
+    launch --config job.yaml --target ssh://me@gpu-box [--detach] [--yes]
+    launch runs | status RUN | logs RUN [-f] | attach RUN | resume RUN | pull RUN | down RUN
 
-This milestone runs jobs on the local target only; remote targets, planning and the run
-commands (runs, status, attach, resume, pull, down) arrive with the next ones."""
+Errors are one line on stderr with an exit code per class (tracebacks only with --debug):
+0 ok, 1 internal, 2 usage, 3 config, 4 data, 5 model, 6 out of memory (the runner's), 7 the
+environment (tools, bootstrap), 8 the target (unreachable, refused, out of disk), 130 Ctrl-C.
+A failed or stopped run exits with the runner's own code (143: preempted)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+import traceback
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from rich.console import Console
+from rich.prompt import Confirm
 from rich.table import Table
 
-from launcher import __version__
-from launcher.local_run import LocalTargetError, RunResult, run_locally
-from launcher.paths import DEFAULT_CONFIG, RUNNER_FILE
-from launcher.runs import RunStore
+from launcher import __version__, job
+from launcher.config import ConfigError, LaunchConfig, load as load_config
+from launcher.paths import DEFAULT_CONFIG
+from launcher.preflight import (
+    PreflightReport, check_data, check_model, check_target, check_tools, needed_disk_gb,
+)
+from launcher.progress import RichReporter
+from launcher.remote import RemoteError
+from launcher.runs import RunNotFound, RunRecord, RunStore
+from launcher.sync import assets_bytes, local_assets
 
+EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+COMMANDS = ("runs", "status", "logs", "attach", "resume", "pull", "down")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch", description="QLoRA fine-tuning, launched from your laptop.")
+class UsageError(Exception):
+    exit_code = EXIT_USAGE
+
+
+def launch_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch", description="QLoRA fine-tuning, launched from your laptop.",
+        epilog="other commands: launch runs | status RUN | logs RUN [-f] | attach RUN | resume RUN | pull RUN | "
+               "down RUN   (launch COMMAND --help for each)")
     parser.add_argument("--config", type=Path, default=None,
                         help=f"job YAML (default: the tiny CPU demo, {DEFAULT_CONFIG.name})")
-    parser.add_argument("--target", default="local", choices=["local"],
-                        help="where to train (only 'local' in this version)")
+    parser.add_argument("--target", default=None,
+                        help="local (default), ssh://user@host[:port], user@host, or an ~/.ssh/config alias")
+    parser.add_argument("--identity", default=None, help="SSH private key for the target (resources.ssh_identity)")
+    parser.add_argument("--python", default=None,
+                        help="an interpreter on the target that has the runner's packages (skips the venv)")
+    parser.add_argument("--usd-per-hour", type=float, default=None,
+                        help="what the target costs you per hour, for the $ spent (default 0 for own boxes)")
+    parser.add_argument("--detach", action="store_true", help="start the job and return; follow it with attach")
+    parser.add_argument("--yes", "-y", action="store_true", help="do not ask before starting")
+    parser.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: ./runs)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"qlora-launch {__version__}")
     return parser
 
 
+def command_parser(command: str) -> argparse.ArgumentParser:
+    descriptions = {
+        "runs": "list recorded runs, newest first", "status": "one run's record (and a live look when running)",
+        "logs": "the runner's log", "attach": "follow a running job again (resumes it if it died)",
+        "resume": "continue an interrupted run from its newest checkpoint",
+        "pull": "fetch checkpoints, metrics, logs and the adapter now", "down": "stop the job and release its machine",
+    }
+    parser = argparse.ArgumentParser(prog=f"launch {command}", description=descriptions[command])
+    if command != "runs":
+        parser.add_argument("run", help="run id (see `launch runs`)")
+    if command in ("runs", "status", "pull"):
+        parser.add_argument("--json", action="store_true", help="print JSON")
+    if command == "logs":
+        parser.add_argument("-f", "--follow", action="store_true", help="keep printing as the runner writes")
+    if command == "runs":
+        parser.add_argument("--limit", type=int, default=50)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
 def main(argv: Optional[list[str]] = None, console: Optional[Console] = None,
          errors: Optional[Console] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     console = console or Console()
     errors = errors or Console(stderr=True, soft_wrap=True)  # one error, one line: never wrapped
-    args = build_parser().parse_args(argv)
-    config = args.config or DEFAULT_CONFIG
-    if not config.is_file():
-        errors.print(f"[red]error:[/] config file {config} not found; pass --config PATH")
-        return EXIT_USAGE
-    if args.config is None:
-        console.print(f"No --config given: running the embedded default, [bold]{config}[/]")
-    # Validate with the runner's own schema before anything starts (no torch needed for this).
-    sys.path.insert(0, str(RUNNER_FILE.parent))
-    import qlora_runner
-
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    args = (command_parser(command) if command else launch_parser()).parse_args(argv[1:] if command else argv)
+    store = RunStore.default()
     try:
-        qlora_runner.load_config(config)
-    except qlora_runner.RunnerError as e:
-        errors.print(f"[red]{e.kind}:[/] {e}")
-        return e.exit_code
-    console.rule(f"[bold]qlora-launch[/] {config} on the local target")
+        if command is None:
+            return cmd_launch(args, store, console, errors)
+        return COMMAND_FUNCTIONS[command](args, store, console, errors)
+    except KeyboardInterrupt:
+        errors.print("[yellow]interrupted[/]")
+        return EXIT_INTERRUPTED
+    except (ConfigError, UsageError, job.JobError) as e:
+        return _fail(errors, e, e.exit_code, args.debug)
+    except RunNotFound as e:
+        return _fail(errors, e, EXIT_USAGE, args.debug)
+    except RemoteError as e:
+        return _fail(errors, e, 8, args.debug)
+    except Exception as e:  # noqa: BLE001  (classify, one line; the traceback under --debug)
+        return _fail(errors, RuntimeError(f"internal error: {type(e).__name__}: {e} (rerun with --debug)"),
+                     EXIT_INTERNAL, args.debug)
+    finally:
+        store.close()
+
+
+def _fail(errors: Console, e: BaseException, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    errors.print(f"[red]error:[/] {e}", markup=True, highlight=False)
+    return code
+
+
+# ---------------------------------------------------------------------------------------------
+# launch
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
+    config_path = args.config or DEFAULT_CONFIG
+    if not config_path.is_file():
+        raise UsageError(f"config file {config_path} not found; pass --config PATH")
+    if args.config is None and not args.json:
+        console.print(f"No --config given: running the embedded default, [bold]{config_path}[/]")
+    overrides = {"target": args.target, "ssh_identity": args.identity, "python": args.python,
+                 "usd_per_hour": args.usd_per_hour}
+    config = load_config(config_path, overrides)
+    target = config.resources.target or "local"
+    session = _create_session(config, target, args, store)
+    report = preflight(config, session)
+    for finding in report.findings:
+        if finding.level == "warning" and not args.json:
+            errors.print(f"[yellow]warning:[/] {finding.message}", highlight=False)
+    if report.errors:
+        for finding in report.errors:
+            errors.print(f"[red]error:[/] {finding.message}", highlight=False)
+        session.update(status="failed", error=report.errors[0].message, exit_code=report.exit_code,
+                       ended_at=time.time())
+        session.machine.close()
+        return report.exit_code
+    if not args.json:
+        render_plan(console, config, session.record, report)
+    if not args.yes and sys.stdin.isatty() and not Confirm.ask("Start?", console=console, default=True):
+        session.update(status="stopped", error="not started: declined at the prompt", ended_at=time.time())
+        return 0
+    reporter = RichReporter(console, quiet=args.json)
     try:
-        result = run_locally(config.resolve(), args.runs_dir.resolve(), RunStore.default(), debug=args.debug)
-    except LocalTargetError as e:
-        errors.print(f"[red]error:[/] {e}")
-        return qlora_runner.EXIT_ENVIRONMENT
-    render_summary(console, result)
-    return result.exit_code
+        outcome = job.launch(session, config, reporter, detach=args.detach)
+    except KeyboardInterrupt:
+        reporter.stopped_following()
+        return _interrupted(errors, store, session.record.id)
+    return _report_outcome(console, outcome, args.json)
 
 
-def render_summary(console: Console, result: RunResult) -> None:
+def _create_session(config: LaunchConfig, target: str, args: argparse.Namespace, store: RunStore) -> job.Session:
+    try:
+        return job.create_run(config, target, args.runs_dir, store)
+    except ValueError as e:  # a malformed --target
+        raise UsageError(str(e)) from None
+
+
+def preflight(config: LaunchConfig, session: job.Session) -> PreflightReport:
+    report = PreflightReport()
+    check_tools(report, needs_ssh=session.provider.name != "local")
+    check_data(report, config)
+    check_model(report, config)
+    if not report.errors:  # touch the target only when everything here is right
+        workdir = config.resources.workdir or session.provider.default_workdir()
+        need = needed_disk_gb(config, assets_bytes(local_assets(config)), has_python=bool(config.resources.python)
+                              or session.provider.name == "local")
+        check_target(report, session.machine, workdir, need, needs_gpu=config.job.train.device != "cpu")
+    return report
+
+
+def render_plan(console: Console, config: LaunchConfig, record: RunRecord, report: PreflightReport) -> None:
+    table = Table(title=f"plan for run {record.id}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("config", str(config.path))
+    table.add_row("target", record.target)
+    table.add_row("GPU", ", ".join(report.gpus) if report.gpus else "none (CPU)")
+    python = config.resources.python or ("this Python, when it has the runner's packages; else a venv"
+                                         if record.provider == "local" else
+                                         "a venv keyed by runner/requirements.txt (built once, then reused)")
+    table.add_row("python", python)
+    table.add_row("data", f"{report.examples} examples" if report.examples is not None else "read on the target")
+    table.add_row("steps", str(report.planned_steps or "?"))
+    table.add_row("time", "measured once training starts (estimates arrive with planning)")
+    table.add_row("price", f"${record.usd_per_hour:.2f}/h" if record.usd_per_hour else "$0 (your machine)")
+    if report.free_disk_gb is not None:
+        table.add_row("disk", f"{report.free_disk_gb} GB free, about {report.needed_disk_gb} GB needed")
+    table.add_row("results", record.run_dir)
+    console.print(table)
+
+
+def _interrupted(errors: Console, store: RunStore, run_id: str) -> int:
+    """Ctrl-C: ask nothing; say exactly what is still running and how to reach it."""
+    record = store.get(run_id)
+    if record.status == "running":
+        errors.print(f"[yellow]detached:[/] run {run_id} is still running on {record.target}; "
+                     f"`launch attach {run_id}` follows it, `launch down {run_id}` stops it", highlight=False)
+    else:
+        errors.print(f"[yellow]interrupted:[/] run {run_id} is {record.status}; nothing is running", highlight=False)
+    return EXIT_INTERRUPTED
+
+
+def _report_outcome(console: Console, outcome: job.Outcome, as_json: bool) -> int:
+    if as_json:
+        console.print_json(json.dumps({"run": asdict(outcome.record), "detached": outcome.detached,
+                                       "evaluation": outcome.evaluation}))
+        return outcome.exit_code
+    if outcome.detached:
+        console.print(f"started run [bold]{outcome.record.id}[/] on {outcome.record.target}, detached: "
+                      f"`launch attach {outcome.record.id}` follows it, `launch logs {outcome.record.id} -f` "
+                      "shows its log")
+        return 0
+    render_summary(console, outcome)
+    return outcome.exit_code
+
+
+def render_summary(console: Console, outcome: job.Outcome) -> None:
+    record = outcome.record
     console.rule("summary")
-    phase = result.status.get("phase", "unknown")
-    colour = "green" if phase == "done" else "red"
-    console.print(f"run: {result.run_dir.name}  folder: {result.run_dir}")
-    console.print(f"status: [{colour}]{phase}[/] (exit code {result.exit_code})")
-    if result.status.get("error"):
-        console.print(f"error: {result.status['error']}")
-    ev = result.evaluation
+    colour = "green" if record.status == "done" else "red"
+    console.print(f"run: {record.id}  target: {record.target}  folder: {outcome.run_dir}")
+    console.print(f"status: [{colour}]{record.status}[/] (exit code {record.exit_code})  "
+                  f"steps: {record.step}/{record.total_steps}  time: {_duration(record.elapsed_s)}  "
+                  f"spent: ${(record.usd_per_hour or 0) * (record.elapsed_s or 0) / 3600:.2f}")
+    if record.error:
+        console.print(f"error: {record.error}", highlight=False)
+    metrics = job.read_metrics(outcome.run_dir)
+    final_train = next((m["loss"] for m in reversed(metrics) if m.get("event") == "train"), None)
+    final_eval = next((m["eval_loss"] for m in reversed(metrics) if m.get("event") == "eval"), None)
+    ev = outcome.evaluation
     if ev and ev.get("test_loss") is not None:
-        table = Table(title="test split")
-        table.add_column("")
-        table.add_column("loss", justify="right")
-        table.add_column("perplexity", justify="right")
-        table.add_row("base model", f"{ev['base_test_loss']:.4f}", _fmt(ev.get("base_test_perplexity")))
-        table.add_row("fine-tuned", f"{ev['test_loss']:.4f}", _fmt(ev.get("test_perplexity")))
+        table = Table(title="losses")
+        for column in ("", "train", "validation", "test", "test perplexity"):
+            table.add_column(column, justify="right")
+        table.add_row("base model", "-", "-", f"{ev['base_test_loss']:.4f}", _fmt(ev.get("base_test_perplexity")))
+        table.add_row("fine-tuned", _fmt(final_train, 4), _fmt(final_eval, 4), f"{ev['test_loss']:.4f}",
+                      _fmt(ev.get("test_perplexity")))
         console.print(table)
-    if result.samples:
+    if outcome.samples:
         table = Table(title="samples (held-out prompts)", show_lines=True)
         for column in ("prompt", "reference", "before", "after"):
             table.add_column(column, overflow="fold")
-        for s in result.samples:
-            table.add_row(" ".join(s["prompt"].split()), s["reference"], s["before"], s["after"])  # one line per prompt
+        for s in outcome.samples:
+            table.add_row(" ".join(s["prompt"].split()), s["reference"], s["before"], s["after"])
         console.print(table)
-    if (result.run_dir / "adapter").is_dir():
-        console.print(f"adapter: {result.run_dir / 'adapter'}")
+    for name, label in (("adapter", "adapter"), ("loss.png", "loss curve"), ("checkpoints", "checkpoints")):
+        if (outcome.run_dir / name).exists():
+            console.print(f"{label}: {outcome.run_dir / name}")
+    if record.status in ("interrupted", "preempted", "stopped"):
+        console.print(f"continue it with `launch resume {record.id}`")
 
 
-def _fmt(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _fmt(value: Optional[float], digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _duration(seconds: Optional[float]) -> str:
+    seconds = int(seconds or 0)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the run commands
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_runs(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
+    records = store.list(limit=args.limit)
+    if args.json:
+        console.print_json(json.dumps([asdict(r) for r in records]))
+        return 0
+    table = Table(title="runs")
+    for column in ("id", "status", "target", "GPU", "steps", "elapsed", "$"):
+        table.add_column(column, justify="right" if column in ("steps", "elapsed", "$") else "left")
+    for r in records:
+        elapsed = (r.elapsed_s or 0) + (time.time() - r.started_at if r.started_at else 0)
+        table.add_row(r.id, r.status, r.target, r.gpu or "-", f"{r.step or 0}/{r.total_steps or '?'}",
+                      _duration(elapsed), f"{(r.usd_per_hour or 0) * elapsed / 3600:.2f}")
+    console.print(table)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
+    session = job.open_session(store, args.run)
+    live: dict[str, Any] = {}
+    if session.record.status in ("starting", "running") and session.record.remote_dir:
+        try:
+            look = job.probe(session)
+            live = {"alive": look.alive, "exit_code": look.exit_code, "phase": look.status.get("phase"),
+                    "step": look.status.get("step"), "total_steps": look.status.get("total_steps"),
+                    "checkpoints_on_target": look.complete_steps}
+        except RemoteError as e:
+            live = {"unreachable": str(e)}
+    if args.json:
+        console.print_json(json.dumps({"run": asdict(session.record), "live": live}))
+        return 0
+    table = Table(title=f"run {session.record.id}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in asdict(session.record).items():
+        if value is not None and key not in ("created_at", "updated_at", "ended_at", "started_at"):
+            table.add_row(key, str(value))
+    for key, value in live.items():
+        table.add_row(f"live {key}", str(value))
+    console.print(table)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
+    session = job.open_session(store, args.run)
+    local_log = session.run_dir / "runner.log"
+    if session.record.status not in ("starting", "running") or not session.record.remote_dir:
+        if not local_log.is_file():
+            raise job.JobError(f"run {args.run} has no log here yet; `launch pull {args.run}` fetches it", 2)
+        sys.stdout.write(local_log.read_text())
+        return 0
+    path = f"{session.remote_dir}/runner.log"
+    if not args.follow:
+        sys.stdout.write(session.machine.run(f"cat {path} 2>/dev/null || true").stdout)
+        return 0
+    state = {"done": False, "last": 0.0}
+
+    def ended() -> bool:
+        if time.monotonic() - state["last"] > job.POLL_S:
+            state["last"] = time.monotonic()
+            try:
+                look = job.probe(session)
+                state["done"] = look.exit_code is not None or not look.alive
+            except RemoteError:
+                pass
+        return state["done"]
+
+    for line in session.machine.follow(path, stop=ended):
+        if line:
+            print(line, flush=True)
+    return 0
+
+
+def cmd_attach(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
+    return _drive(job.attach, args, store, console, errors)
+
+
+def cmd_resume(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
+    return _drive(job.resume, args, store, console, errors)
+
+
+def _drive(action: Any, args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
+    session = job.open_session(store, args.run)
+    reporter = RichReporter(console)
+    try:
+        outcome = action(session, reporter)
+    except KeyboardInterrupt:
+        reporter.stopped_following()
+        return _interrupted(errors, store, session.record.id)
+    return _report_outcome(console, outcome, False)
+
+
+def cmd_pull(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
+    session = job.open_session(store, args.run)
+    steps = job.pull(session, RichReporter(console, quiet=args.json))
+    if args.json:
+        console.print_json(json.dumps({"run": args.run, "folder": str(session.run_dir), "checkpoints": steps}))
+    else:
+        held = ", ".join(f"checkpoint-{s}" for s in steps) or "no checkpoints yet"
+        console.print(f"pulled into {session.run_dir}: {held}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
+    session = job.open_session(store, args.run)
+    record = job.down(session, RichReporter(console))
+    console.print(f"run {record.id}: {record.status}; files in {record.run_dir}"
+                  + (f"; `launch resume {record.id}` continues it" if record.status == "stopped" else ""))
+    return 0
+
+
+COMMAND_FUNCTIONS = {"runs": cmd_runs, "status": cmd_status, "logs": cmd_logs, "attach": cmd_attach,
+                     "resume": cmd_resume, "pull": cmd_pull, "down": cmd_down}
 
 
 if __name__ == "__main__":

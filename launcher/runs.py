@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-# created -> running -> done | failed | preempted | interrupted
-STATUSES = ("created", "running", "done", "failed", "preempted", "interrupted")
+# created -> starting -> running -> done | failed | preempted | interrupted | stopped
+# (interrupted: the runner or its machine died mid-run, or Ctrl-C on the local target; stopped:
+# `launch down`). Every status but done and failed can be continued with `launch resume`.
+STATUSES = ("created", "starting", "running", "done", "failed", "preempted", "interrupted", "stopped")
+RESUMABLE = ("starting", "running", "preempted", "interrupted", "stopped")
 
 
 def state_dir() -> Path:
@@ -36,8 +39,16 @@ class RunRecord:
     id: str
     config_path: str
     run_dir: str
-    target: str
+    target: str  # local | ssh://user@host:port | an ssh config alias
     status: str = "created"
+    provider: str = "local"
+    remote_dir: Optional[str] = None  # the run's folder on the target (absolute)
+    pid: Optional[int] = None  # the detached job's wrapper process on the target
+    python: Optional[str] = None  # the interpreter the runner uses there
+    identity: Optional[str] = None  # path of the SSH key used (a path, never the key)
+    started_at: Optional[float] = None  # when the runner was (last) started; None while it is not running
+    elapsed_s: float = 0.0  # runner time of the finished segments (a resumed run has several)
+    pulled_step: Optional[int] = None  # newest checkpoint pulled to this machine
     gpu: Optional[str] = None
     step: Optional[int] = None
     total_steps: Optional[int] = None
@@ -68,6 +79,11 @@ class RunStore:
             for f in dataclasses.fields(RunRecord)
         )
         self._db.execute(f"CREATE TABLE IF NOT EXISTS runs ({columns})")
+        # Records written by an older launcher lack the newer columns: add them (NULLs).
+        existing = {row["name"] for row in self._db.execute("PRAGMA table_info(runs)")}
+        for f in dataclasses.fields(RunRecord):
+            if f.name not in existing:
+                self._db.execute(f"ALTER TABLE runs ADD COLUMN {f.name} {_SQL_TYPES[str(f.type)]}")
 
     @classmethod
     def default(cls) -> "RunStore":

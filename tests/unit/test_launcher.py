@@ -31,8 +31,13 @@ def test_laptop_install_does_not_pull_torch():
 
 
 def test_launcher_imports_nothing_heavy():
-    code = ("import sys, launcher.cli, launcher.local_run; "
-            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    """Every launcher module, imported as `launch` starts: no torch & co., and no matplotlib
+    (only a finished run draws its loss curve)."""
+    modules = sorted(f"launcher.{p.stem}" for p in (ROOT / "launcher").glob("*.py") if p.stem != "__main__")
+    modules += sorted(f"launcher.providers.{p.stem}" for p in (ROOT / "launcher" / "providers").glob("*.py"))
+    assert "launcher.job" in modules and "launcher.providers.ssh" in modules
+    code = (f"import sys, importlib; [importlib.import_module(m) for m in {modules!r}]; "
+            f"print([m for m in {HEAVY + ('matplotlib',)!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

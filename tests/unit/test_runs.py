@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.local_run import run_status
+from launcher.job import run_status
 from launcher.runs import RunNotFound, RunRecord, RunStore, state_dir
 from tests.helpers import ROOT
 
@@ -65,6 +65,24 @@ def test_state_dir_follows_the_environment(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("code, status", [(0, "done"), (143, "preempted"), (130, "interrupted"), (3, "failed"),
-                                          (6, "failed"), (-9, "failed")])
+                                          (6, "failed"), (-9, "failed"),
+                                          (137, "interrupted"), (None, "interrupted")])
 def test_runner_exit_codes_map_to_statuses(code, status):
     assert run_status(code) == status
+
+
+def test_records_of_an_older_launcher_gain_the_new_columns(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "runs.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE runs (id TEXT PRIMARY KEY, config_path TEXT, run_dir TEXT, target TEXT, status TEXT, "
+               "gpu TEXT, step INTEGER, total_steps INTEGER, usd_per_hour REAL, exit_code INTEGER, error TEXT, "
+               "created_at REAL, updated_at REAL, ended_at REAL)")
+    db.execute("INSERT INTO runs VALUES ('old', 'c.yaml', 'runs/old', 'local', 'done', NULL, 5, 5, 0, 0, NULL, 1, 1, 2)")
+    db.commit()
+    db.close()
+    store = RunStore(path)
+    old = store.get("old")
+    assert (old.status, old.step, old.remote_dir, old.pid) == ("done", 5, None, None)
+    assert store.update("old", pulled_step=5).pulled_step == 5

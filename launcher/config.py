@@ -1,0 +1,134 @@
+"""The whole job YAML, validated before anything starts.
+
+The runner's sections (model, data, lora, train, eval) are validated by the runner's own
+dataclass schema, imported from runner/qlora_runner.py, so the launcher and the runner can never
+disagree about them. The launcher's sections (resources, storage) are pydantic models here.
+Every error names the key path and the file: `job.yaml: train.lr: must be > 0, got -1`.
+Command-line flags override `resources` (the overrides are validated like the file)."""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from launcher.paths import RUNNER_FILE
+
+
+def runner_module() -> Any:
+    """runner/qlora_runner.py as a module: stdlib-only at import, so this costs milliseconds."""
+    if str(RUNNER_FILE.parent) not in sys.path:
+        sys.path.insert(0, str(RUNNER_FILE.parent))
+    import qlora_runner
+
+    return qlora_runner
+
+
+class ConfigError(Exception):
+    """A config problem; the message names the file, the key path and how to fix it."""
+
+    exit_code = 3  # the runner's EXIT_CONFIG: the same mistake gives the same code on both sides
+
+
+class Resources(BaseModel):
+    """Where and on what the job runs. Flags such as --target and --gpu override these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: Optional[str] = None  # local | ssh://user@host[:port] | an ~/.ssh/config alias
+    gpu: Optional[str] = None  # e.g. A10G, or A10G:2 (planning arrives with the next milestone)
+    gpus: int = Field(1, ge=1)
+    max_price: Optional[float] = Field(None, gt=0)  # USD per hour
+    max_total_usd: Optional[float] = Field(None, gt=0)
+    providers: Optional[list[str]] = None
+    interruptible: bool = False
+    disk_gb: Optional[float] = Field(None, gt=0)  # free disk the target must have; default: estimated
+    usd_per_hour: float = Field(0.0, ge=0)  # what your own box costs you; 0 for local and own boxes
+    python: Optional[str] = None  # an interpreter on the target that already has the runner's packages
+    workdir: Optional[str] = None  # the launcher's folder on the target; default ~/qlora-launch
+    ssh_identity: Optional[str] = None  # private key for the ssh target; default: ssh's own choice
+
+
+class Storage(BaseModel):
+    """Where checkpoints end up. `local`: pulled into runs/<run-id>/ on this machine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "s3"] = "local"
+    keep_checkpoints: int = Field(3, ge=1)  # newest pulled checkpoints kept on this machine
+    bucket: Optional[str] = None
+    prefix: Optional[str] = None
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    path: Path  # the YAML file, absolute
+    raw: dict[str, Any]  # the file as read, with the overrides applied: what travels to the target
+    job: Any  # the runner's JobConfig
+    resources: Resources
+    storage: Storage
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def load(path: Path, overrides: Optional[dict[str, Any]] = None) -> LaunchConfig:
+    """Read, override and validate a job YAML. Raises ConfigError."""
+    qr = runner_module()
+    path = Path(path).expanduser().resolve()
+    try:
+        # The runner reads the same file on the target: its errors (file, YAML, the runner's
+        # sections) are the ones the user would meet there, so they are the ones we show.
+        job = qr.load_config(path)
+    except qr.RunnerError as e:
+        raise ConfigError(str(e)) from None
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    resources_raw = raw.get("resources") or {}
+    if not isinstance(resources_raw, dict):
+        raise ConfigError(f"{path}: resources: expected a mapping, got {resources_raw!r}")
+    resources_raw = {**resources_raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    raw = {**raw, "resources": resources_raw}
+    resources = _validate(Resources, resources_raw, "resources", path, overrides)
+    storage = _validate(Storage, raw.get("storage") or {}, "storage", path, None)
+    if storage.kind == "s3":
+        raise ConfigError(f"{path}: storage.kind: s3 is not supported yet; use kind: local")
+    return LaunchConfig(path=path, raw=raw, job=job, resources=resources, storage=storage)
+
+
+def _validate(model: type[BaseModel], data: Any, section: str, path: Path, overrides: Optional[dict]) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {section}: expected a mapping, got {data!r}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(part) for part in (section, *first["loc"]))
+        field_name = str(first["loc"][0]) if first["loc"] else ""
+        message = _message(first, list(model.model_fields))
+        flag = f" (from --{field_name.replace('_', '-')})" if overrides and overrides.get(field_name) is not None else ""
+        raise ConfigError(f"{path}: {key}{flag}: {message}") from None
+
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _message(error: dict[str, Any], valid_keys: list[str]) -> str:
+    """A pydantic error in the words the runner uses for its own sections."""
+    kind, ctx, given = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(error["loc"][-1]), valid_keys, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"unknown key; {hint}valid keys here: {', '.join(valid_keys)}"
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        return f"must be {_BOUNDS[kind]} {bound}, got {given!r}"
+    return f"{error['msg'][0].lower()}{error['msg'][1:]}, got {given!r}"

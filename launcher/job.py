@@ -1,0 +1,595 @@
+"""The run lifecycle: launch, attach, resume, pull, down.
+
+A run is a run record (runs.py) plus a folder on the target (<workdir>/runs/<run-id>/) where the
+runner writes its files, plus a folder here (runs/<run-id>/) where they are pulled. The runner is
+started detached from us (remote.Machine.start), so the launcher can die, the laptop can close and
+the SSH connection can drop without the job noticing; everything the launcher needs to find the
+job again is in the run record, written at every transition.
+
+cli.py renders; this module does, and talks to the user only through a Reporter."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import secrets
+import shlex
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import yaml
+
+from launcher import sync
+from launcher.config import LaunchConfig, load as load_config, runner_module
+from launcher.paths import REPO_ROOT, RUNNER_FILE
+from launcher.preflight import EXIT_ENVIRONMENT, EXIT_TARGET, resolve_workdir
+from launcher.providers import provider_for
+from launcher.providers.base import MachineSpec, Need, Provider
+from launcher.remote import Machine, RemoteError
+from launcher.runs import RESUMABLE, RunRecord, RunStore, state_dir
+
+EXIT_CODE_FILE = "exit_code"
+LOCAL_CONFIG = "job.local.yaml"  # the job as launched (overrides applied, local paths absolute)
+REMOTE_CONFIG = "job.yaml"  # what the runner reads on the target
+POLL_S = 2.0  # status/checkpoint probe interval while following
+LOST_AFTER_S = 300.0  # no answer from the target for this long: give up following (the job may live on)
+STOP_GRACE_S = 120.0  # `down`: time the runner gets to checkpoint after SIGTERM
+BOOTSTRAP_FILES = (REPO_ROOT / "cluster_templates" / "bootstrap.sh", REPO_ROOT / "cluster_templates" / "stack_check.py",
+                   RUNNER_FILE.parent / "requirements.txt")
+# Runner exit codes after which `resume` can continue: killed (137), SIGTERM (143), SIGINT (130).
+RESUMABLE_EXIT_CODES = (130, 137, 143)
+
+
+class JobError(Exception):
+    """A lifecycle step failed; the message says what to do. exit_code classifies it."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Reporter(Protocol):
+    def phase(self, text: str) -> None: ...
+    def warn(self, text: str) -> None: ...
+    def started(self, record: RunRecord) -> None: ...
+    def metric(self, event: dict[str, Any], total_steps: Optional[int], spent_usd: float) -> None: ...
+    def checkpoint_pulled(self, step: int, path: Path) -> None: ...
+    def stopped_following(self) -> None: ...
+
+
+class SilentReporter:
+    def phase(self, text: str) -> None: pass
+    def warn(self, text: str) -> None: pass
+    def started(self, record: RunRecord) -> None: pass
+    def metric(self, event: dict[str, Any], total_steps: Optional[int], spent_usd: float) -> None: pass
+    def checkpoint_pulled(self, step: int, path: Path) -> None: pass
+    def stopped_following(self) -> None: pass
+
+
+@dataclass
+class Outcome:
+    record: RunRecord
+    run_dir: Path
+    evaluation: Optional[dict[str, Any]] = None
+    samples: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    detached: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.detached else (self.record.exit_code if self.record.exit_code is not None else 1)
+
+
+@dataclass
+class Session:
+    """One run being driven: its record, its target and the folders on both sides."""
+
+    store: RunStore
+    record: RunRecord
+    provider: Provider
+    machine: Machine
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.record.run_dir)
+
+    @property
+    def remote_dir(self) -> str:
+        assert self.record.remote_dir, "the run has no folder on the target yet"
+        return self.record.remote_dir
+
+    def update(self, **fields: Any) -> RunRecord:
+        self.record = self.store.update(self.record.id, **fields)
+        return self.record
+
+    def spent_usd(self, now: Optional[float] = None) -> float:
+        return (self.record.usd_per_hour or 0.0) * self.elapsed_s(now) / 3600
+
+    def elapsed_s(self, now: Optional[float] = None) -> float:
+        running = (now or time.time()) - self.record.started_at if self.record.started_at else 0.0
+        return (self.record.elapsed_s or 0.0) + (running if self.record.status in ("starting", "running") else 0.0)
+
+
+def new_run_id(config: Path) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{config.stem}-{secrets.token_hex(2)}"
+
+
+def machine_spec(run_id: str, identity: Optional[str]) -> MachineSpec:
+    home = state_dir()
+    return MachineSpec(run_id=run_id, known_hosts=home / "known_hosts" / run_id, control_dir=home / "ssh",
+                       identity=Path(identity).expanduser() if identity else None)
+
+
+def open_session(store: RunStore, run_id: str) -> Session:
+    """Find a recorded run's machine again (after the launcher died, on another day)."""
+    record = store.get(run_id)
+    provider = provider_for(record.target)
+    machine = provider.reconnect(record.target, machine_spec(record.id, record.identity))
+    return Session(store, record, provider, machine)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch
+# ---------------------------------------------------------------------------------------------
+
+
+def create_run(config: LaunchConfig, target: str, runs_dir: Path, store: RunStore) -> Session:
+    """The run record and the local run folder, before anything is touched on the target."""
+    provider = provider_for(target)
+    run_id = new_run_id(config.path)
+    run_dir = runs_dir.resolve() / run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / LOCAL_CONFIG).write_text(_local_config_text(config))
+    record = store.create(RunRecord(
+        id=run_id, config_path=str(config.path), run_dir=str(run_dir), target=target, provider=provider.name,
+        gpu=config.resources.gpu, usd_per_hour=config.resources.usd_per_hour,
+        identity=config.resources.ssh_identity,
+    ))
+    machine = provider.reconnect(target, machine_spec(run_id, record.identity))
+    return Session(store, record, provider, machine)
+
+
+def launch(session: Session, config: LaunchConfig, reporter: Reporter, *, detach: bool = False) -> Outcome:
+    """Provision, bootstrap, sync, start the runner detached, then follow it to the end (or
+    return at once with `detach`). A failure before the runner starts marks the run failed."""
+    try:
+        reporter.phase(f"connecting to {session.record.target}")
+        offer = session.provider.offers(Need(), config.resources.usd_per_hour)[0]
+        session.machine = session.provider.provision(offer, machine_spec(session.record.id, session.record.identity))
+        workdir = resolve_workdir(session.machine, config.resources.workdir or session.provider.default_workdir())
+        session.update(status="starting", remote_dir=f"{workdir}/runs/{session.record.id}")
+        start_runner(session, config, workdir, reporter, resume=False)
+    except KeyboardInterrupt:
+        session.update(status="interrupted", error="Ctrl-C before the runner started; nothing is running",
+                       ended_at=time.time())
+        raise
+    except (RemoteError, JobError) as e:
+        session.update(status="failed", error=str(e), ended_at=time.time(),
+                       exit_code=getattr(e, "exit_code", EXIT_TARGET))
+        raise JobError(str(e), getattr(e, "exit_code", EXIT_TARGET)) from None
+    if detach:
+        return Outcome(session.record, session.run_dir, detached=True)
+    return follow_run(session, reporter)
+
+
+def start_runner(session: Session, config: LaunchConfig, workdir: str, reporter: Reporter, *, resume: bool) -> None:
+    """Bootstrap the target, put the job there, start the runner detached; record each step."""
+    machine = session.machine
+    reporter.phase("bootstrapping the target (python environment, GPU stack check)")
+    python = bootstrap(machine, workdir, config)
+    reporter.phase("syncing data, config and runner")
+    remote_dir = session.remote_dir
+    assets = sync.local_assets(config)
+    placed = sync.sync_assets(machine, workdir, assets)
+    machine.run(f"mkdir -p {shlex.quote(remote_dir)}/checkpoints")
+    staging = session.run_dir / ".outgoing"
+    staging.mkdir(exist_ok=True)
+    (staging / REMOTE_CONFIG).write_text(sync.remote_config(config, placed))
+    shutil.copy2(RUNNER_FILE, staging / RUNNER_FILE.name)
+    machine.put(staging, remote_dir)
+    shutil.rmtree(staging)
+    if resume:
+        push_checkpoint_if_lost(session, reporter)
+    command = (f"PYTHONUNBUFFERED=1 {shlex.quote(python)} {RUNNER_FILE.name} --config {REMOTE_CONFIG} --out ."
+               + (" --resume auto" if resume else ""))
+    pid = machine.start(command, cwd=remote_dir, exit_code_file=EXIT_CODE_FILE)
+    session.update(status="running", pid=pid, python=python, started_at=time.time(), exit_code=None, error=None,
+                   ended_at=None)
+    reporter.started(session.record)
+
+
+def bootstrap(machine: Machine, workdir: str, config: LaunchConfig) -> str:
+    """Run cluster_templates/bootstrap.sh on the target; returns the python the runner uses."""
+    bin_dir = f"{workdir}/bin"
+    machine.run(f"mkdir -p {shlex.quote(bin_dir)}")
+    for file in BOOTSTRAP_FILES:
+        machine.put(file, f"{bin_dir}/{file.name}")
+    env = {"QLORA_WORKDIR": workdir, "QLORA_REQUIREMENTS": f"{bin_dir}/requirements.txt",
+           "QLORA_DEVICE": "cpu" if config.job.train.device == "cpu" else "cuda"}
+    python = config.resources.python
+    if python is None and session_is_local(machine) and _has_runner_packages():
+        import sys
+
+        python = sys.executable  # the local target trains in the launcher's own environment when it can
+    if python:
+        env["QLORA_PYTHON"] = python
+    line = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    result = machine.run(f"{line} sh {shlex.quote(bin_dir)}/bootstrap.sh", check=False, timeout=3600)
+    report = next((ln for ln in result.stdout.splitlines() if ln.startswith("QLORA_BOOTSTRAP ")), None)
+    if result.returncode != 0 or report is None:
+        errors = [ln for ln in (result.stderr + result.stdout).splitlines() if ln.strip()]
+        reason = next((ln for ln in reversed(errors) if ln.startswith("bootstrap: error:")), errors[-1] if errors else "")
+        detail = next((ln for ln in errors if ln.startswith("stack check:")), "")
+        raise JobError(f"{machine.name}: {reason.removeprefix('bootstrap: error: ')}"
+                       + (f" ({detail})" if detail else ""), EXIT_ENVIRONMENT)
+    return json.loads(report.removeprefix("QLORA_BOOTSTRAP "))["python"]
+
+
+def session_is_local(machine: Machine) -> bool:
+    return machine.name == "local"
+
+
+def _has_runner_packages() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(n) for n in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"))
+
+
+def _local_config_text(config: LaunchConfig) -> str:
+    """The job as launched, with local paths made absolute, so resume works from any folder."""
+    raw = json.loads(json.dumps(config.raw))
+    for asset in sync.local_assets(config):
+        section, name = asset.key.split(".")
+        raw[section][name] = str(asset.local)
+    return f"# The job as launched from {config.path}\n" + yaml.safe_dump(raw, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# following a running job
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Probe:
+    """One look at the job on the target."""
+
+    exit_code: Optional[int]  # None while running (or when it died without writing one)
+    alive: bool
+    complete_steps: list[int]
+    status: dict[str, Any]
+
+
+def probe(session: Session) -> Probe:
+    d = shlex.quote(session.remote_dir)
+    pid = session.record.pid or 0
+    out = session.machine.run(
+        f"mkdir -p {d} && cd {d} && (cat {EXIT_CODE_FILE} 2>/dev/null || echo none) && echo --- && "
+        f"(kill -0 {pid} 2>/dev/null && echo alive || echo dead) && echo --- && "
+        f"for c in checkpoints/checkpoint-*; do [ -f \"$c/{runner_module().MANIFEST}\" ] && echo \"$c\"; done; "
+        f"echo --- && (cat status.json 2>/dev/null || echo '{{}}')", timeout=60).stdout
+    code, alive, checkpoints, status = (part.strip() for part in out.split("---\n", 3))
+    steps = sorted(int(line.rsplit("-", 1)[1]) for line in checkpoints.splitlines() if line.strip())
+    try:
+        status_json = json.loads(status or "{}")
+    except ValueError:
+        status_json = {}
+    return Probe(exit_code=None if code == "none" else int(code), alive=alive == "alive", complete_steps=steps,
+                 status=status_json)
+
+
+def follow_run(session: Session, reporter: Reporter) -> Outcome:
+    """Stream metrics until the runner ends, pulling each new complete checkpoint; then the
+    final pull. Survives dropped connections; after LOST_AFTER_S without an answer it stops
+    following and leaves the run `running` (it may well be), with how to attach."""
+    state: dict[str, Any] = {"done": None, "last_poll": 0.0, "last_contact": time.monotonic(), "total": None,
+                             "warned": False}
+
+    def poll() -> None:
+        try:
+            look = probe(session)
+        except RemoteError as e:
+            if not state["warned"]:
+                reporter.warn(f"lost contact with {session.machine.name} ({e}); retrying")
+                state["warned"] = True
+            if time.monotonic() - state["last_contact"] > LOST_AFTER_S:
+                raise JobError(f"no answer from {session.machine.name} for {LOST_AFTER_S:.0f} s; the job may still "
+                               f"be running: `launch attach {session.record.id}` when it is back", EXIT_TARGET) from None
+            return
+        state["last_contact"], state["warned"] = time.monotonic(), False
+        state["total"] = look.status.get("total_steps") or state["total"]
+        if look.status.get("step") is not None and look.status.get("step") != session.record.step:
+            session.update(step=look.status.get("step"), total_steps=state["total"])
+        pull_new_checkpoints(session, look.complete_steps, reporter)
+        if look.exit_code is not None or not look.alive:
+            state["done"] = look
+
+    def show(line: str) -> None:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return
+        if isinstance(event, dict):
+            reporter.metric(event, state["total"], session.spent_usd())
+
+    metrics_path = f"{session.remote_dir}/metrics.jsonl"
+    lines_shown = 0
+    for line in session.machine.follow(metrics_path, stop=lambda: state["done"] is not None):
+        if line:
+            lines_shown += 1
+            show(line)
+        if time.monotonic() - state["last_poll"] >= POLL_S:
+            state["last_poll"] = time.monotonic()
+            poll()
+    # The runner ended between two reads of the stream: show its last lines from the pulled copy.
+    pull_files(session)
+    pulled_metrics = session.run_dir / "metrics.jsonl"
+    for line in (pulled_metrics.read_text() if pulled_metrics.is_file() else "").splitlines()[lines_shown:]:
+        show(line)
+    reporter.stopped_following()
+    return finish(session, state["done"], reporter)
+
+
+def finish(session: Session, look: Probe, reporter: Reporter) -> Outcome:
+    """The runner has ended: pull everything, plot, record the outcome."""
+    reporter.phase("pulling results")
+    pull_new_checkpoints(session, look.complete_steps, reporter)
+    pull_files(session)
+    now = time.time()
+    # The runner's last status write is when it ended (we may attach hours later); the
+    # target's clock may be off from ours, so it only ever shortens the segment.
+    ended = look.status.get("updated_at")
+    started = session.record.started_at
+    end = min(now, ended) if isinstance(ended, (int, float)) and started and ended > started else now
+    elapsed = session.elapsed_s(end)
+    code = look.exit_code
+    status = run_status(code)
+    error = look.status.get("error")
+    if code is None:
+        error = ("the runner died without an exit status (its machine rebooted, or it was killed with its wrapper); "
+                 f"`launch resume {session.record.id}` continues from the newest checkpoint")
+    elif code == 137:
+        error = (f"the runner was killed (SIGKILL) at step {look.status.get('step')}; "
+                 f"`launch resume {session.record.id}` continues from the newest checkpoint")
+    session.update(status=status, exit_code=code, ended_at=now, elapsed_s=elapsed,
+                   started_at=None, step=look.status.get("step", session.record.step),
+                   total_steps=look.status.get("total_steps", session.record.total_steps), error=error)
+    plot_losses(session.run_dir)
+    return Outcome(session.record, session.run_dir, evaluation=_read_json(session.run_dir / "eval.json"),
+                   samples=_read_jsonl(session.run_dir / "samples.jsonl"))
+
+
+def run_status(exit_code: Optional[int]) -> str:
+    """The runner's exit code as a run record status."""
+    if exit_code is None:
+        return "interrupted"
+    return {0: "done", 143: "preempted", 130: "interrupted", 137: "interrupted"}.get(exit_code, "failed")
+
+
+# ---------------------------------------------------------------------------------------------
+# pulling and pushing
+# ---------------------------------------------------------------------------------------------
+
+
+def pull_files(session: Session) -> None:
+    """Everything of the run but the checkpoints: adapter, eval, samples, metrics, logs, status."""
+    session.machine.get(f"{session.remote_dir}/", session.run_dir, exclude=("checkpoints", ".*.tmp", RUNNER_FILE.name))
+
+
+def local_checkpoints(run_dir: Path) -> list[int]:
+    qr = runner_module()
+    return [step for step, _ in qr.complete_checkpoints(run_dir / "checkpoints")]
+
+
+def pull_new_checkpoints(session: Session, remote_steps: list[int], reporter: Reporter) -> None:
+    """Pull the newest complete checkpoint if it is newer than ours, verify it against its
+    manifest, move it into place, and keep the newest K here. Only the newest: older ones are
+    what the runner rotates away next, and a resume needs only the newest."""
+    qr = runner_module()
+    keep = _keep_checkpoints(session)
+    newest_here = max(local_checkpoints(session.run_dir), default=-1)
+    newer = [s for s in remote_steps if s > newest_here]
+    for step in newer[-1:]:
+        folder = session.run_dir / "checkpoints"
+        incoming = folder / f".incoming-{step}"  # rsync --partial resumes into it next time
+        incoming.mkdir(parents=True, exist_ok=True)
+        try:
+            session.machine.get(f"{session.remote_dir}/checkpoints/checkpoint-{step}/", incoming)
+        except RemoteError as e:
+            # Rotated away while we copied (a newer one exists), or the connection dropped:
+            # the next look tries again; a half copy is never taken for a checkpoint.
+            reporter.warn(f"checkpoint-{step} not pulled this time ({e})")
+            continue
+        if not qr.checkpoint_is_complete(incoming):
+            continue
+        final = folder / f"checkpoint-{step}"
+        shutil.rmtree(final, ignore_errors=True)
+        incoming.rename(final)
+        session.update(pulled_step=step)
+        reporter.checkpoint_pulled(step, final)
+    folder = session.run_dir / "checkpoints"
+    for step in local_checkpoints(session.run_dir)[:-keep]:
+        shutil.rmtree(folder / f"checkpoint-{step}", ignore_errors=True)
+    newest_here = max(local_checkpoints(session.run_dir), default=-1)
+    for stale in folder.glob(".incoming-*") if folder.is_dir() else []:
+        if int(stale.name.rsplit("-", 1)[1]) <= newest_here:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _keep_checkpoints(session: Session) -> int:
+    try:
+        raw = yaml.safe_load((session.run_dir / LOCAL_CONFIG).read_text())
+        return int((raw.get("storage") or {}).get("keep_checkpoints", 3))
+    except (OSError, ValueError, AttributeError):
+        return 3
+
+
+def push_checkpoint_if_lost(session: Session, reporter: Reporter) -> None:
+    """Before a resume: if the target lacks our newest complete checkpoint (a new or wiped
+    machine), put it back (with the metrics so far), marked complete only once whole."""
+    remote = probe(session).complete_steps
+    local = local_checkpoints(session.run_dir)
+    if not local or (remote and max(remote) >= max(local)):
+        return
+    step = max(local)
+    reporter.phase(f"pushing checkpoint-{step} back to the target")
+    # The run's history goes back with it: the runner cuts metrics.jsonl at the checkpoint's
+    # step and appends, and reuses the cached base-model evaluation.
+    for name in ("metrics.jsonl", "base_eval.json"):
+        if (session.run_dir / name).is_file():
+            session.machine.put(session.run_dir / name, f"{session.remote_dir}/{name}")
+    remote_root = f"{session.remote_dir}/checkpoints"
+    session.machine.put(session.run_dir / "checkpoints" / f"checkpoint-{step}", f"{remote_root}/.incoming/checkpoint-{step}")
+    session.machine.run(f"cd {shlex.quote(remote_root)} && rm -rf checkpoint-{step} && "
+                        f"mv .incoming/checkpoint-{step} checkpoint-{step}")
+
+
+# ---------------------------------------------------------------------------------------------
+# attach, resume, pull, down
+# ---------------------------------------------------------------------------------------------
+
+
+def attach(session: Session, reporter: Reporter) -> Outcome:
+    """Follow a run again. Running: follow it. Ended while we were away: pull and record.
+    Dead (killed, machine restarted): resume it."""
+    if session.record.remote_dir is None:
+        raise JobError(f"run {session.record.id} never started on its target ({session.record.status}: "
+                       f"{session.record.error}); launch it again", 2)
+    look = _probe_or_fail(session)
+    if look.alive and look.exit_code is None:
+        reporter.started(session.record)
+        return follow_run(session, reporter)
+    if look.exit_code is None or look.exit_code in RESUMABLE_EXIT_CODES:
+        reporter.warn(f"the runner is not running (exit code {look.exit_code}); resuming from the newest checkpoint")
+        return resume(session, reporter)
+    return finish(session, look, reporter)
+
+
+def resume(session: Session, reporter: Reporter) -> Outcome:
+    """Continue from the newest complete checkpoint (pushed back if the target lost it); the
+    runner restores optimizer, scheduler, RNG and data position, so losses match an
+    uninterrupted run."""
+    record = session.record
+    if record.status == "done":
+        raise JobError(f"run {record.id} is done; nothing to resume", 2)
+    if record.status not in RESUMABLE and record.status != "failed":
+        raise JobError(f"run {record.id} is {record.status}; it cannot be resumed", 2)
+    config = load_config(session.run_dir / LOCAL_CONFIG)
+    try:
+        session.machine.ensure_connected()
+        if record.remote_dir:
+            look = probe(session)
+            if look.alive and look.exit_code is None:
+                reporter.warn("the runner is still running; following it instead")
+                reporter.started(record)
+                return follow_run(session, reporter)
+            if look.exit_code == 0:
+                return finish(session, look, reporter)
+        workdir = resolve_workdir(session.machine, config.resources.workdir or session.provider.default_workdir())
+        session.update(status="starting", remote_dir=f"{workdir}/runs/{record.id}")
+        start_runner(session, config, workdir, reporter, resume=True)
+    except RemoteError as e:
+        raise JobError(str(e), EXIT_TARGET) from None
+    return follow_run(session, reporter)
+
+
+def pull(session: Session, reporter: Reporter) -> list[int]:
+    """Fetch new checkpoints, metrics, logs and (when there) the adapter now; returns the
+    checkpoint steps held here afterwards."""
+    look = _probe_or_fail(session)
+    pull_new_checkpoints(session, look.complete_steps, reporter)
+    pull_files(session)
+    return local_checkpoints(session.run_dir)
+
+
+def down(session: Session, reporter: Reporter) -> RunRecord:
+    """Stop the job (SIGTERM: it checkpoints; SIGKILL after STOP_GRACE_S), pull what it left,
+    release the machine. Safe to repeat."""
+    look = None
+    if session.record.remote_dir:
+        look = _probe_or_fail(session)
+        if look.alive and look.exit_code is None and session.record.pid:
+            reporter.phase("stopping the runner (it saves a checkpoint first)")
+            session.machine.signal_job(session.record.pid, "TERM")
+            deadline = time.monotonic() + STOP_GRACE_S
+            while time.monotonic() < deadline:
+                look = probe(session)
+                if not look.alive or look.exit_code is not None:
+                    break
+                time.sleep(1)
+            else:
+                session.machine.signal_job(session.record.pid, "KILL")
+                look = probe(session)
+        pull_new_checkpoints(session, look.complete_steps, reporter)
+        pull_files(session)
+    session.provider.terminate(session.machine)
+    if session.record.status in ("done", "failed"):
+        return session.record
+    now = time.time()
+    return session.update(status="stopped", ended_at=now, elapsed_s=session.elapsed_s(now), started_at=None,
+                          exit_code=look.exit_code if look else None,
+                          step=(look.status.get("step") if look else None) or session.record.step,
+                          error=f"stopped by `launch down`; `launch resume {session.record.id}` continues it")
+
+
+def _probe_or_fail(session: Session) -> Probe:
+    try:
+        return probe(session)
+    except RemoteError as e:
+        raise JobError(f"{e}; the run record keeps the run: try again when the target answers", EXIT_TARGET) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return _read_jsonl(run_dir / "metrics.jsonl")
+
+
+def plot_losses(run_dir: Path) -> Optional[Path]:
+    """loss.png: training loss per step and validation loss, as pulled. None without metrics."""
+    events = read_metrics(run_dir)
+    train = {e["step"]: e["loss"] for e in events if e.get("event") == "train" and e.get("loss") is not None}
+    evals = {e["step"]: e["eval_loss"] for e in events if e.get("event") == "eval"}
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed (and none wanted) on a laptop's background job
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    axes.plot(list(train), list(train.values()), label="train loss", linewidth=1.2)
+    if evals:
+        axes.plot(list(evals), list(evals.values()), "o-", label="validation loss")
+    base = next((e.get("base_test_loss") for e in events if e.get("event") == "test"), None)
+    if base is not None and math.isfinite(base):
+        axes.axhline(base, color="grey", linestyle="--", linewidth=1, label="base model test loss")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss")
+    axes.set_title(run_dir.name, fontsize=9)
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    path = run_dir / "loss.png"
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []

@@ -1,0 +1,232 @@
+"""Every check that can fail before a machine is touched or a cent is spent.
+
+Order: the tools we drive (ssh, rsync) -> the data (exists, parses with the runner's own readers,
+every example has its fields; examples counted, long ones warned about) -> the base model (a
+local folder has config.json and weights; a hub id answers, when online) -> the target (reachable
+with BatchMode key auth, enough free disk). Each failure is one line saying how to fix it; all of
+them are reported at once, so a user fixes everything in one round."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import shutil
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from launcher.config import LaunchConfig, runner_module
+from launcher.remote import Machine, RemoteError, Unreachable
+
+# Exit codes per error class (the runner's where the class is the same).
+EXIT_DATA = 4
+EXIT_MODEL = 5
+EXIT_ENVIRONMENT = 7
+EXIT_TARGET = 8
+
+CHARS_PER_TOKEN = 4.0  # the usual English average; used only when no local tokenizer is at hand
+VENV_GB = 8.0  # torch with CUDA + transformers & co. in a fresh venv
+HUB_MODEL_GB_GUESS = 20.0  # a 7-8B model's safetensors, when we cannot ask the hub
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: Literal["error", "warning", "ok"]
+    check: str  # tools | data | model | target | disk
+    message: str
+    exit_code: int = 0
+
+
+@dataclass
+class PreflightReport:
+    findings: list[Finding] = field(default_factory=list)
+    examples: Optional[int] = None  # in data.path (before the split)
+    planned_steps: Optional[int] = None
+    gpus: list[str] = field(default_factory=list)  # what the target's nvidia-smi lists
+    free_disk_gb: Optional[float] = None
+    needed_disk_gb: Optional[float] = None
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def exit_code(self) -> int:
+        return self.errors[0].exit_code if self.errors else 0
+
+    def add(self, level: str, check: str, message: str, exit_code: int = 0) -> None:
+        self.findings.append(Finding(level, check, message, exit_code))  # type: ignore[arg-type]
+
+
+def check_tools(report: PreflightReport, needs_ssh: bool) -> None:
+    for tool, package in (("rsync", "rsync"), ("ssh", "openssh-client")):
+        if tool == "ssh" and not needs_ssh:
+            continue
+        if shutil.which(tool) is None:
+            report.add("error", "tools", f"`{tool}` is not installed here; install it "
+                                         f"(apt install {package} / brew install {tool})", EXIT_ENVIRONMENT)
+
+
+def check_data(report: PreflightReport, config: LaunchConfig) -> None:
+    """Read the data as the runner will, on this machine, so a typo costs nothing."""
+    qr = runner_module()
+    data = config.job.data
+    tokenizer = _local_tokenizer(config)
+    for key in ("path", "validation_path", "test_path"):
+        value = getattr(data, key)
+        path, is_local = qr.resolve_local(value, config.base_dir)
+        if value is None:
+            continue
+        if not is_local:
+            report.add("warning", "data", f"data.{key}: {value} is a hub dataset; it is read on the target")
+            continue
+        try:
+            records = qr.read_records(path, True, data, f"data.{key}")
+            examples = qr.format_records(records, data, None, f"data.{key}")
+        except ImportError as e:  # parquet without pyarrow on the laptop
+            report.add("warning", "data", f"data.{key}: not parsed here ({e.name} is not installed); the target reads it")
+            continue
+        except qr.RunnerError as e:
+            report.add("error", "data", str(e), EXIT_DATA)
+            continue
+        if key == "path":
+            report.examples = len(records)
+        lengths = [_tokens(e, tokenizer) for e in examples]
+        too_long = [n for n in lengths if n > data.max_length]
+        if too_long:
+            approx = "" if tokenizer else "about "
+            report.add("warning", "data",
+                       f"data.{key}: {len(too_long)} of {len(examples)} examples are longer than data.max_length="
+                       f"{data.max_length} tokens (longest {approx}{max(too_long)}); they will be cut: raise "
+                       "data.max_length to keep them whole")
+    if report.examples is not None:
+        report.planned_steps = planned_steps(config, report.examples)
+
+
+def _tokens(example: Any, tokenizer: Any) -> int:
+    text = "".join(segment.text for segment in example.segments)
+    if tokenizer is not None:
+        return len(tokenizer.encode(text).ids) + 1
+    return math.ceil(len(text) / CHARS_PER_TOKEN) + 1
+
+
+def _local_tokenizer(config: LaunchConfig) -> Any:
+    """The model's own tokenizer when it is a local folder and `tokenizers` is installed."""
+    qr = runner_module()
+    path, is_local = qr.resolve_local(config.job.model.base, config.base_dir)
+    tokenizer_file = Path(path) / "tokenizer.json" if is_local else None
+    if tokenizer_file is None or not tokenizer_file.is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    try:
+        return Tokenizer.from_file(str(tokenizer_file))
+    except Exception:  # noqa: BLE001  (an unreadable tokenizer only costs us the exact count)
+        return None
+
+
+def planned_steps(config: LaunchConfig, examples: int) -> int:
+    """Optimizer steps the runner will take (its own split and batch arithmetic)."""
+    train = config.job.train
+    if train.max_steps:
+        return train.max_steps
+    data = config.job.data
+    train_part, _, _ = runner_module().split_records(list(range(examples)), data.splits, data.split_seed,
+                                                     bool(data.validation_path), bool(data.test_path))
+    train_examples = max(1, len(train_part))
+    per_epoch = math.ceil(math.ceil(train_examples / train.micro_batch_size) / train.grad_accum)
+    return max(1, math.ceil(per_epoch * train.epochs))
+
+
+def check_model(report: PreflightReport, config: LaunchConfig) -> None:
+    qr = runner_module()
+    base = config.job.model.base
+    path, is_local = qr.resolve_local(base, config.base_dir)
+    if is_local:
+        folder = Path(path)
+        if not folder.is_dir():
+            report.add("error", "model", f"model.base: {folder} is not a folder; point it at a model folder "
+                                         "(config.json + weights) or a hub id such as mistralai/Mistral-7B-v0.3",
+                       EXIT_MODEL)
+        elif not (folder / "config.json").is_file():
+            report.add("error", "model", f"model.base: {folder} has no config.json; is it a Hugging Face model folder?",
+                       EXIT_MODEL)
+        elif not any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir()):
+            report.add("error", "model", f"model.base: {folder} has no weights (*.safetensors or *.bin); "
+                                         "download them into the folder", EXIT_MODEL)
+        return
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("QLORA_LAUNCH_OFFLINE") == "1":
+        report.add("warning", "model", f"model.base: {base} not checked on the hub (offline mode)")
+        return
+    url = f"https://huggingface.co/api/models/{base}"
+    if config.job.model.revision:
+        url += f"/revision/{config.job.model.revision}"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5):
+            pass
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            report.add("error", "model", f"model.base: {base} is not on the Hugging Face hub (404); check the id "
+                                         "and model.revision", EXIT_MODEL)
+        elif e.code in (401, 403):
+            report.add("warning", "model", f"model.base: {base} is gated or private; accept its licence on "
+                                           "huggingface.co and make HF_TOKEN available on the target")
+        else:
+            report.add("warning", "model", f"model.base: the hub answered HTTP {e.code}; not checked")
+    except (urllib.error.URLError, TimeoutError, OSError):
+        report.add("warning", "model", f"model.base: could not reach huggingface.co to check {base}; not checked")
+
+
+def needed_disk_gb(config: LaunchConfig, assets_bytes: int, has_python: bool) -> float:
+    if config.resources.disk_gb:
+        return config.resources.disk_gb
+    qr = runner_module()
+    _, model_is_local = qr.resolve_local(config.job.model.base, config.base_dir)
+    need = assets_bytes / 1e9 * 1.1 + (0 if has_python else VENV_GB) + (0 if model_is_local else HUB_MODEL_GB_GUESS)
+    return round(need + 1.0, 1)  # + checkpoints and logs
+
+
+def check_target(report: PreflightReport, machine: Machine, workdir: str, need_gb: float, needs_gpu: bool) -> None:
+    """Reachable (BatchMode key auth), the workdir writable, enough free disk, GPUs listed."""
+    try:
+        machine.ensure_connected()
+        out = machine.run(
+            f"mkdir -p {workdir} && cd {workdir} && df -Pk . | tail -1 && "
+            "(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true)", timeout=60).stdout
+    except Unreachable as e:
+        report.add("error", "target", str(e), EXIT_TARGET)
+        return
+    except RemoteError as e:
+        report.add("error", "target", f"{e}; check that resources.workdir ({workdir}) is writable there", EXIT_TARGET)
+        return
+    lines = out.strip().splitlines()
+    free_kb = int(lines[0].split()[3])
+    report.free_disk_gb = round(free_kb / 1e6, 1)
+    report.needed_disk_gb = need_gb
+    report.gpus = [line.strip() for line in lines[1:] if line.strip()]
+    if report.free_disk_gb < need_gb:
+        report.add("error", "disk", f"{machine.name}: {report.free_disk_gb} GB free under {workdir}, the job needs "
+                                    f"about {need_gb} GB; free some space, or set resources.workdir to a bigger disk "
+                                    "(resources.disk_gb overrides the estimate)", EXIT_TARGET)
+    if needs_gpu and not report.gpus:
+        report.add("warning", "target", f"{machine.name}: nvidia-smi lists no GPU; the bootstrap will stop unless "
+                                        "train.device is cpu")
+
+
+def resolve_workdir(machine: Machine, workdir: str) -> str:
+    """The workdir as an absolute path on the machine (`~` expanded there, by its shell)."""
+    quoted = workdir if workdir.startswith("~") else shlex.quote(workdir)
+    out = machine.run(f"mkdir -p {quoted} && cd {quoted} && pwd -P", timeout=60).stdout.strip().splitlines()
+    return out[-1]
+
+
+def summary_json(report: PreflightReport) -> str:
+    return json.dumps({"examples": report.examples, "planned_steps": report.planned_steps, "gpus": report.gpus,
+                       "findings": [f.__dict__ for f in report.findings]})

@@ -1,0 +1,83 @@
+"""The provider contract: what every target (local, your own SSH box, Vast.ai, the SkyPilot
+clouds, Kaggle) implements. Small on purpose, like SkyPilot's per-cloud provision modules and
+dstack's Compute: offers, provision, state, terminate, plus `reconnect` so a run record alone
+is enough to find the machine again after the launcher died."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from launcher.remote import Machine
+
+MachineState = Literal["running", "stopped", "preempted", "gone", "unknown"]
+
+
+class ProviderError(Exception):
+    """A provider could not do what was asked; nothing is left billing. The message says why."""
+
+
+@dataclass(frozen=True)
+class Need:
+    """What the job needs from a machine (planning fills in VRAM with the next milestone)."""
+
+    gpu: Optional[str] = None
+    gpu_count: int = 1
+    disk_gb: Optional[float] = None
+    max_usd_per_hour: Optional[float] = None
+    interruptible: bool = False
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One priced machine. Units are in the field names."""
+
+    provider: str
+    target: str  # what --target would say to get this machine
+    region: Optional[str] = None
+    gpu: Optional[str] = None
+    gpu_count: int = 0
+    vram_gb: Optional[float] = None
+    usd_per_hour: float = 0.0
+    interruptible: bool = False
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """How to reach the machine for one run: per-run files live under the state directory."""
+
+    run_id: str
+    known_hosts: Path
+    control_dir: Path
+    identity: Optional[Path] = None
+
+
+class Provider(ABC):
+    name: str
+    owns_machines: bool = False  # False: your box; terminate() leaves it running
+
+    @abstractmethod
+    def offers(self, need: Need, usd_per_hour: float = 0.0) -> list[Offer]:
+        """Priced machines available now that satisfy `need`."""
+
+    @abstractmethod
+    def provision(self, offer: Offer, spec: MachineSpec) -> Machine:
+        """Return a machine that runs commands, or raise ProviderError / remote.Unreachable
+        leaving nothing billed behind."""
+
+    @abstractmethod
+    def reconnect(self, target: str, spec: MachineSpec) -> Machine:
+        """The machine a run record names, for attach, resume, pull and down."""
+
+    @abstractmethod
+    def state(self, machine: Machine) -> MachineState:
+        """running | stopped | preempted | gone | unknown; never raises for a vanished machine."""
+
+    @abstractmethod
+    def terminate(self, machine: Machine) -> None:
+        """Stop paying for the machine. Idempotent: safe twice and on a machine already gone."""
+
+    def default_workdir(self) -> str:
+        return "~/qlora-launch"

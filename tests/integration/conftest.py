@@ -1,0 +1,103 @@
+"""Fixtures of the launcher's end-to-end tests: a real sshd on 127.0.0.1, and `launch` run as
+the user runs it (a subprocess, so it can be killed like one)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+
+from launcher.runs import RunRecord, RunStore
+from tests.helpers import ROOT
+from tests.sshd import SSHServer, start_sshd
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory) -> SSHServer:
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@dataclass
+class Launcher:
+    """`launch` with its own state directory and runs folder, as a subprocess."""
+
+    folder: Path
+
+    @property
+    def home(self) -> Path:
+        return self.folder / "home"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.folder / "runs"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "COLUMNS": "200",
+                "QLORA_LAUNCH_HOME": str(self.home), "HF_HUB_OFFLINE": "1", "HOME": os.environ.get("HOME", "/root"),
+                **extra}
+
+    def argv(self, *args: str) -> list[str]:
+        command_first = args and not args[0].startswith("-")
+        runs = [] if command_first else ["--runs-dir", str(self.runs_dir)]
+        return [sys.executable, "-m", "launcher", *args, *runs]
+
+    def run(self, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(*args), cwd=self.folder, capture_output=True, text=True, timeout=timeout,
+                              env=self.env(**env))
+
+    def start(self, *args: str, **env: str) -> subprocess.Popen:
+        return subprocess.Popen(self.argv(*args), cwd=self.folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=self.env(**env))
+
+    def records(self) -> list[RunRecord]:
+        path = self.home / "runs.sqlite"
+        if not path.exists():
+            return []
+        store = RunStore(path)
+        try:
+            return store.list()
+        finally:
+            store.close()
+
+    def wait_for(self, condition: Callable[[RunRecord], bool], timeout: float = 120) -> RunRecord:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            records = self.records()
+            if records and condition(records[0]):
+                return records[0]
+            if records and records[0].status in ("failed", "done", "stopped"):
+                raise AssertionError(f"the run ended before the condition held: {records[0]}")
+            time.sleep(0.2)
+        raise AssertionError(f"timed out; the newest record is {self.records()[:1]}")
+
+
+@pytest.fixture
+def launcher(tmp_path) -> Launcher:
+    return Launcher(tmp_path)
+
+
+def ssh_args(server: SSHServer, *extra: str) -> list[str]:
+    """--target and friends for the test sshd; the runner uses this test's own Python."""
+    return ["--target", server.target, "--identity", str(server.client_key), "--python", sys.executable, *extra]
+
+
+def output_of(proc: Any) -> str:
+    return (proc.stdout or "") + (proc.stderr or "")
+
+
+def runner_step(remote_dir: Optional[str]) -> int:
+    """The runner's own step count, read from its status.json on the "remote" side."""
+    import json
+
+    try:
+        return json.loads((Path(remote_dir) / "status.json").read_text()).get("step") or 0
+    except (OSError, ValueError, TypeError):
+        return 0
