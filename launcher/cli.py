@@ -152,7 +152,9 @@ def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, erro
         return report.exit_code
     if not args.json:
         render_plan(console, config, session.record, report)
-    if not args.yes and sys.stdin.isatty() and not Confirm.ask("Start?", console=console, default=True):
+    # The embedded demo (no --config) costs nothing and is what a first `launch` is for: no question.
+    ask = not args.yes and args.config is not None and sys.stdin.isatty()
+    if ask and not Confirm.ask("Start?", console=console, default=True):
         session.update(status="stopped", error="not started: declined at the prompt", ended_at=time.time())
         return 0
     reporter = RichReporter(console, quiet=args.json)

@@ -264,10 +264,11 @@ class Probe:
 
 def probe(session: Session) -> Probe:
     d = shlex.quote(session.remote_dir)
-    pid = session.record.pid or 0
+    # No pid yet means nothing was started (`kill -0 0` would ask about our own process group).
+    alive_check = f"kill -0 {session.record.pid} 2>/dev/null" if session.record.pid else "false"
     out = session.machine.run(
         f"mkdir -p {d} && cd {d} && (cat {EXIT_CODE_FILE} 2>/dev/null || echo none) && echo --- && "
-        f"(kill -0 {pid} 2>/dev/null && echo alive || echo dead) && echo --- && "
+        f"({alive_check} && echo alive || echo dead) && echo --- && "
         f"for c in checkpoints/checkpoint-*; do [ -f \"$c/{runner_module().MANIFEST}\" ] && echo \"$c\"; done; "
         f"echo --- && (cat status.json 2>/dev/null || echo '{{}}')", timeout=60).stdout
     code, alive, checkpoints, status = (part.strip() for part in out.split("---\n", 3))

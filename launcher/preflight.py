@@ -96,7 +96,7 @@ def check_data(report: PreflightReport, config: LaunchConfig) -> None:
             continue
         if key == "path":
             report.examples = len(records)
-        lengths = [_tokens(e, tokenizer) for e in examples]
+        lengths = _token_counts(examples, tokenizer)
         too_long = [n for n in lengths if n > data.max_length]
         if too_long:
             approx = "" if tokenizer else "about "
@@ -105,14 +105,19 @@ def check_data(report: PreflightReport, config: LaunchConfig) -> None:
                        f"{data.max_length} tokens (longest {approx}{max(too_long)}); they will be cut: raise "
                        "data.max_length to keep them whole")
     if report.examples is not None:
-        report.planned_steps = planned_steps(config, report.examples)
+        try:
+            report.planned_steps = planned_steps(config, report.examples)
+        except qr.RunnerError as e:
+            report.add("error", "data", str(e), EXIT_DATA)
 
 
-def _tokens(example: Any, tokenizer: Any) -> int:
-    text = "".join(segment.text for segment in example.segments)
+def _token_counts(examples: list[Any], tokenizer: Any) -> list[int]:
+    """Tokens per example (+1 for the end-of-sequence token): exact with the model's own
+    tokenizer, else estimated from the characters."""
+    texts = ["".join(segment.text for segment in example.segments) for example in examples]
     if tokenizer is not None:
-        return len(tokenizer.encode(text).ids) + 1
-    return math.ceil(len(text) / CHARS_PER_TOKEN) + 1
+        return [len(encoding.ids) + 1 for encoding in tokenizer.encode_batch(texts)]
+    return [math.ceil(len(text) / CHARS_PER_TOKEN) + 1 for text in texts]
 
 
 def _local_tokenizer(config: LaunchConfig) -> Any:

@@ -99,3 +99,14 @@ def test_unknown_run_is_a_usage_error(launcher: Launcher):
     proc = launcher.run("status", "no-such-run")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: no run 'no-such-run' in the run records; `launch runs` lists them"
+
+
+def test_preflight_stops_on_too_little_disk_and_missing_tools(launcher: Launcher):
+    config = tiny_job(launcher.folder / "job.yaml", resources={"disk_gb": 1e9})
+    proc = launcher.run("--config", str(config), "--yes")
+    assert proc.returncode == 8
+    (line,) = proc.stderr.strip().splitlines()
+    assert "GB free under" in line and "the job needs about 1000000000.0 GB" in line
+    no_tools = launcher.run("--config", str(config), "--yes", PATH=str(launcher.folder / "empty-bin"))
+    assert no_tools.returncode == 7
+    assert "`rsync` is not installed here; install it" in no_tools.stderr

@@ -99,8 +99,9 @@ def test_killed_launcher_then_attach_finishes_the_job(launcher: Launcher, sshd, 
     assert train_losses(Path(record.run_dir)) == pytest.approx(reference_losses, abs=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["ssh", "local"])
-def test_killed_runner_then_resume_gives_the_same_losses(launcher: Launcher, sshd, reference_losses, kind):
+@pytest.mark.parametrize("kind, command", [("ssh", "resume"), ("local", "attach")])
+def test_killed_runner_then_resume_gives_the_same_losses(launcher: Launcher, sshd, reference_losses, kind, command):
+    """`resume`, and `attach`, which resumes a runner it finds dead."""
     config = job(launcher.folder / "job.yaml", launcher.folder / "remote")
     proc = launcher.start("--config", str(config), *target_args(kind, sshd), "--yes")
     record = launcher.wait_for(lambda r: r.status == "running" and runner_step(r.remote_dir) >= 25)
@@ -111,7 +112,7 @@ def test_killed_runner_then_resume_gives_the_same_losses(launcher: Launcher, ssh
     record = launcher.records()[0]
     assert record.status == "interrupted" and "launch resume" in record.error
     assert f"launch resume {record.id}" in out
-    resumed = launcher.run("resume", record.id)
+    resumed = launcher.run(command, record.id)
     assert resumed.returncode == 0, output_of(resumed)
     record = launcher.records()[0]
     assert (record.status, record.step) == ("done", STEPS)
@@ -181,3 +182,38 @@ def test_a_key_the_target_refuses_fails_in_preflight(launcher: Launcher, sshd):
     (line,) = proc.stderr.strip().splitlines()
     assert "Permission denied" in line and "authorized_keys" in line
     assert not (launcher.folder / "remote").exists()
+
+
+def test_an_ssh_config_alias_is_a_target(launcher: Launcher, sshd):
+    ssh_config = launcher.folder / "ssh_config"
+    ssh_config.write_text(f"Host tiny-gpu-box\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n"
+                          f"  IdentityFile {sshd.client_key}\n")
+    config = job(launcher.folder / "job.yaml", launcher.folder / "remote", train={"max_steps": 4})
+    proc = launcher.run("--config", str(config), "--target", "tiny-gpu-box", "--python", sys.executable, "--yes",
+                        "--detach", QLORA_LAUNCH_SSH_CONFIG=str(ssh_config))
+    assert proc.returncode == 0, output_of(proc)
+    (record,) = launcher.records()
+    assert record.target == "tiny-gpu-box" and record.status == "running"
+    logs = launcher.run("logs", record.id, "-f", QLORA_LAUNCH_SSH_CONFIG=str(ssh_config))
+    assert logs.returncode == 0 and logs.stdout.splitlines()[-1].endswith("done"), output_of(logs)
+    assert "step 4/4" in logs.stdout
+    attached = launcher.run("attach", record.id, QLORA_LAUNCH_SSH_CONFIG=str(ssh_config))
+    assert attached.returncode == 0, output_of(attached)
+    assert launcher.records()[0].status == "done"
+    pulled = json.loads(launcher.run("pull", record.id, "--json", QLORA_LAUNCH_SSH_CONFIG=str(ssh_config)).stdout)
+    assert pulled["checkpoints"] == [4]
+
+
+def test_preflight_warns_about_examples_longer_than_max_length(launcher: Launcher, sshd):
+    data = launcher.folder / "data.jsonl"
+    long_answer = " ".join(["A cat says meow."] * 40)
+    data.write_text(json.dumps({"instruction": "Describe a cat.", "output": long_answer}) + "\n"
+                    + "".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i}"}) + "\n" for i in range(20)))
+    config = tiny_job(launcher.folder / "job.yaml", data={"path": str(data)}, train={"max_steps": 1},
+                      resources={"workdir": str(launcher.folder / "remote")})
+    proc = launcher.run("--config", str(config), *ssh_args(sshd), "--yes", "--detach")
+    assert proc.returncode == 0, output_of(proc)
+    (warning,) = [line for line in proc.stderr.splitlines() if "longer than" in line]
+    assert "1 of 21 examples are longer than data.max_length=64 tokens" in warning
+    assert "21 examples" in proc.stdout  # the plan shows the count
+    assert launcher.run("attach", launcher.records()[0].id).returncode == 0
