@@ -150,6 +150,8 @@ def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, erro
                        ended_at=time.time())
         session.machine.close()
         return report.exit_code
+    if report.gpus:
+        session.update(gpu=_gpu_summary(report.gpus))
     if not args.json:
         render_plan(console, config, session.record, report)
     # The embedded demo (no --config) costs nothing and is what a first `launch` is for: no question.
@@ -186,13 +188,19 @@ def preflight(config: LaunchConfig, session: job.Session) -> PreflightReport:
     return report
 
 
+def _gpu_summary(names: list[str]) -> str:
+    """['NVIDIA A10G', 'NVIDIA A10G'] -> '2x NVIDIA A10G'."""
+    counts = {name: names.count(name) for name in dict.fromkeys(names)}
+    return ", ".join(f"{n}x {name}" if n > 1 else name for name, n in counts.items())
+
+
 def render_plan(console: Console, config: LaunchConfig, record: RunRecord, report: PreflightReport) -> None:
     table = Table(title=f"plan for run {record.id}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("config", str(config.path))
     table.add_row("target", record.target)
-    table.add_row("GPU", ", ".join(report.gpus) if report.gpus else "none (CPU)")
+    table.add_row("GPU", _gpu_summary(report.gpus) if report.gpus else "none (CPU)")
     python = config.resources.python or ("this Python, when it has the runner's packages; else a venv"
                                          if record.provider == "local" else
                                          "a venv keyed by runner/requirements.txt (built once, then reused)")

@@ -16,6 +16,8 @@ import math
 import secrets
 import shlex
 import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,13 +165,17 @@ def launch(session: Session, config: LaunchConfig, reporter: Reporter, *, detach
         session.update(status="starting", remote_dir=f"{workdir}/runs/{session.record.id}")
         start_runner(session, config, workdir, reporter, resume=False)
     except KeyboardInterrupt:
-        session.update(status="interrupted", error="Ctrl-C before the runner started; nothing is running",
-                       ended_at=time.time())
+        if session.record.status != "running":  # started already: the record says so, leave it
+            session.update(status="interrupted", error="Ctrl-C before the runner started; nothing is running",
+                           ended_at=time.time())
         raise
     except (RemoteError, JobError) as e:
         session.update(status="failed", error=str(e), ended_at=time.time(),
                        exit_code=getattr(e, "exit_code", EXIT_TARGET))
         raise JobError(str(e), getattr(e, "exit_code", EXIT_TARGET)) from None
+    except Exception as e:
+        session.update(status="failed", error=f"{type(e).__name__}: {e}", ended_at=time.time())
+        raise
     if detach:
         return Outcome(session.record, session.run_dir, detached=True)
     return follow_run(session, reporter)
@@ -204,15 +210,14 @@ def start_runner(session: Session, config: LaunchConfig, workdir: str, reporter:
 def bootstrap(machine: Machine, workdir: str, config: LaunchConfig) -> str:
     """Run cluster_templates/bootstrap.sh on the target; returns the python the runner uses."""
     bin_dir = f"{workdir}/bin"
-    machine.run(f"mkdir -p {shlex.quote(bin_dir)}")
-    for file in BOOTSTRAP_FILES:
-        machine.put(file, f"{bin_dir}/{file.name}")
+    with tempfile.TemporaryDirectory() as staging:
+        for file in BOOTSTRAP_FILES:
+            shutil.copy2(file, Path(staging) / file.name)
+        machine.put(Path(staging), bin_dir)  # one transfer for the three files
     env = {"QLORA_WORKDIR": workdir, "QLORA_REQUIREMENTS": f"{bin_dir}/requirements.txt",
            "QLORA_DEVICE": "cpu" if config.job.train.device == "cpu" else "cuda"}
     python = config.resources.python
     if python is None and session_is_local(machine) and _has_runner_packages():
-        import sys
-
         python = sys.executable  # the local target trains in the launcher's own environment when it can
     if python:
         env["QLORA_PYTHON"] = python

@@ -15,11 +15,14 @@ import pytest
 
 from launcher.runs import RunRecord, RunStore
 from tests.helpers import ROOT
-from tests.sshd import SSHServer, start_sshd
+from tests.sshd import SSHD, SSHServer, start_sshd
 
 
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory) -> SSHServer:
+    if not Path(SSHD).exists():
+        pytest.fail(f"{SSHD} is missing: the SSH target's tests need a real OpenSSH server "
+                    "(apt install openssh-server rsync; .ci/run installs them)")
     server = start_sshd(tmp_path_factory.mktemp("sshd"))
     yield server
     server.stop()

@@ -88,3 +88,10 @@ def test_planned_steps_follow_the_runner_arithmetic(tmp_path):
 def test_the_repository_configs_load(tmp_path):
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         assert launch_config.load(path).resources is not None
+
+
+def test_the_gpu_column_counts_identical_gpus():
+    from launcher.cli import _gpu_summary
+
+    assert _gpu_summary(["NVIDIA A10G", "NVIDIA A10G"]) == "2x NVIDIA A10G"
+    assert _gpu_summary(["NVIDIA L4", "NVIDIA T4"]) == "NVIDIA L4, NVIDIA T4"
