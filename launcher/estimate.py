@@ -1,0 +1,207 @@
+"""What a QLoRA job needs: peak VRAM, training FLOPs, hours on a GPU, and dollars.
+
+Everything comes from the base model's config.json (a local folder, or the facts shipped in
+launcher/model_facts.json for the ready configs' hub models, so planning works offline) and
+the job config. The formulas, and where they come from:
+
+Parameters (decoder-only transformer, as transformers builds Llama/Mistral/Qwen2):
+  per layer  q,o: h*h each; k,v: h*kv_dim each (grouped-query attention, kv_dim = kv_heads *
+             head_dim; Qwen2 adds q/k/v biases); MLP gate/up/down: 3*h*i; two RMSNorms: 2*h.
+  embedding  V*h, and as much again for the LM head unless tie_word_embeddings.
+  Checked against the published counts of the ready configs' models in tests/unit/test_estimate.py.
+
+VRAM at the peak of a training step (bytes):
+  4-bit weights  every decoder linear layer in NF4: 0.5 B/param, plus its quantization
+                 constants: blocks of 64 with an fp32 absmax (0.5 bit/param), or with double
+                 quantization 8-bit absmax + one fp32 per 256 blocks (0.127 bit/param; the QLoRA
+                 paper, Dettmers et al. 2023, section 3).
+  fp32 rest      embeddings, LM head and norms: peft's prepare_model_for_kbit_training casts every
+                 non-4-bit parameter to fp32 (4 B/param).
+  LoRA           r*(in+out) params per adapted linear layer; fp32 weights (4 B) + fp32 gradients
+                 (4 B) + optimizer states: 8-bit AdamW 2 B, AdamW 8 B (bitsandbytes' 8-bit
+                 optimizers keep two 1-byte states).
+  activations    per token and layer, in the compute dtype (2 B), what autograd keeps for a
+                 Llama block with SDPA attention (no s^2 score matrix): the two norms' inputs and
+                 outputs (4h), q/k/v (h + 2kv), their rotated copies (h + kv), the attention
+                 output (h), gate, up, act(gate), product (4i), and LoRA dropout's input copies
+                 (6h + i) with their 1-byte masks. With gradient checkpointing only each layer's
+                 input (h) stays, plus one layer's activations while it is recomputed.
+                 (The accounting follows Korthikanti et al. 2022, "Reducing Activation
+                 Recomputation in Large Transformer Models", section 4, redone for SwiGLU/GQA.)
+  logits         micro_batch * seq * V in fp32, three times: the logits, their float copy for
+                 the loss, and the loss gradient.
+  overhead       CUDA context and kernels (0.75 GB), then 10 % for allocator fragmentation.
+
+FLOPs: forward 2*N per token (N: parameters of the matmuls, LM head included) plus attention's
+  4*L*s*h; the backward pass computes activation gradients only (the base is frozen): the same
+  again; gradient checkpointing recomputes the forward once more: 3 passes instead of 2
+  (Kaplan et al. 2020 / Chinchilla's 6N counts weight gradients too, which QLoRA skips).
+Hours: FLOPs / (dense TFLOP/s * EFFICIENCY), never below what memory bandwidth allows (each pass
+  reads the 4-bit weights and writes and reads their dequantized 16-bit copy).
+Dollars: (hours + STARTUP_HOURS) * $/h.
+
+EFFICIENCY is the share of dense peak a bitsandbytes QLoRA step reaches; it is an assumption
+(0.30) until runs on that GPU have measured it: see `calibrated_tokens_per_s`."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from launcher.gpus import GPU
+
+FACTS_FILE = Path(__file__).with_name("model_facts.json")
+BYTES_4BIT = 0.5
+QUANT_CONSTANT_BITS = {True: 0.127, False: 0.5}  # double quantization on / off
+CUDA_CONTEXT_GB = 0.75
+FRAGMENTATION = 1.10
+EFFICIENCY = 0.30
+STARTUP_HOURS = 0.25  # provisioning, bootstrap, model download, base-model evaluation
+COMPUTE_BYTES = 2  # bf16 / fp16 activations
+
+
+class UnknownModel(ValueError):
+    """No config.json for the base model here or in the shipped facts."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ModelFacts":
+        heads = config["num_attention_heads"]
+        return cls(
+            model_type=config.get("model_type", "llama"), hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"], num_layers=config["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads, vocab_size=config["vocab_size"],
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)),
+        )
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder block."""
+        h, i = self.hidden_size, self.intermediate_size
+        return [(h, self.q_dim), (h, self.kv_dim), (h, self.kv_dim), (self.q_dim, h), (h, i), (h, i), (i, h)]
+
+    @property
+    def linear_params(self) -> int:
+        """The decoder's linear weights: what is quantized to 4 bits."""
+        return self.num_layers * sum(a * b for a, b in self.linear_shapes())
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, LM head, norms and biases: kept in fp32 for training."""
+        h = self.hidden_size
+        biases = (self.q_dim + 2 * self.kv_dim) * self.num_layers if self.qkv_bias else 0
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + head + (2 * self.num_layers + 1) * h + biases
+
+    @property
+    def total_params(self) -> int:
+        return self.linear_params + self.other_params
+
+    def lora_params(self, r: int) -> int:
+        """all-linear adapters: r*(in+out) per linear layer of every block."""
+        return self.num_layers * sum(r * (a + b) for a, b in self.linear_shapes())
+
+
+def model_facts(base: str, local_path: Optional[str] = None) -> ModelFacts:
+    """Facts from a local model folder's config.json, else from the shipped facts file."""
+    if local_path:
+        config_file = Path(local_path) / "config.json"
+        if config_file.is_file():
+            return ModelFacts.from_config(json.loads(config_file.read_text()))
+    shipped = json.loads(FACTS_FILE.read_text())
+    if base in shipped:
+        return ModelFacts.from_config(shipped[base])
+    raise UnknownModel(f"model.base: no config.json for {base!r} here and no shipped facts; use a local "
+                       f"model folder, or one of: {', '.join(sorted(shipped))}")
+
+
+@dataclass(frozen=True)
+class VRAMEstimate:
+    weights_4bit_gb: float
+    fp32_params_gb: float
+    lora_gb: float
+    activations_gb: float
+    logits_gb: float
+    overhead_gb: float
+
+    @property
+    def total_gb(self) -> float:
+        parts = (self.weights_4bit_gb + self.fp32_params_gb + self.lora_gb + self.activations_gb
+                 + self.logits_gb + CUDA_CONTEXT_GB)
+        return parts * FRAGMENTATION
+
+
+def activation_bytes_per_token_layer(facts: ModelFacts, lora_dropout: bool) -> float:
+    h, i, kv = facts.hidden_size, facts.intermediate_size, facts.kv_dim
+    elements = 4 * h + (h + 2 * kv) + (h + kv) + h + 4 * i
+    dropout_copies = (6 * h + i) if lora_dropout else 0
+    return (elements + dropout_copies) * COMPUTE_BYTES + dropout_copies  # + the 1-byte masks
+
+
+def estimate_vram(facts: ModelFacts, *, micro_batch: int, seq_len: int, lora_r: int, lora_dropout: float,
+                  gradient_checkpointing: bool, optimizer: str = "paged_adamw_8bit",
+                  double_quant: bool = True) -> VRAMEstimate:
+    gb = 1e9
+    tokens = micro_batch * seq_len
+    weights = facts.linear_params * (BYTES_4BIT + QUANT_CONSTANT_BITS[double_quant] / 8)
+    fp32_rest = facts.other_params * 4
+    optimizer_bytes = 8 if optimizer in ("adamw_torch", "paged_adamw_32bit") else 2
+    lora = facts.lora_params(lora_r) * (4 + 4 + optimizer_bytes)
+    per_layer = activation_bytes_per_token_layer(facts, lora_dropout > 0) * tokens
+    if gradient_checkpointing:
+        activations = facts.num_layers * tokens * facts.hidden_size * COMPUTE_BYTES + per_layer
+    else:
+        activations = facts.num_layers * per_layer
+    logits = 3 * tokens * facts.vocab_size * 4
+    return VRAMEstimate(weights / gb, fp32_rest / gb, lora / gb, activations / gb, logits / gb, CUDA_CONTEXT_GB)
+
+
+def training_flops(facts: ModelFacts, tokens: int, seq_len: int, gradient_checkpointing: bool) -> float:
+    """FLOPs to train on `tokens` tokens (see the module docstring)."""
+    matmul_params = facts.linear_params + (facts.vocab_size * facts.hidden_size)  # the LM head's matmul
+    forward_per_token = 2 * matmul_params + 4 * facts.num_layers * seq_len * facts.hidden_size
+    passes = 3 if gradient_checkpointing else 2
+    return forward_per_token * tokens * passes
+
+
+def estimate_hours(facts: ModelFacts, gpu: GPU, gpu_count: int, tokens: int, seq_len: int, micro_batch: int,
+                   gradient_checkpointing: bool, tokens_per_s: Optional[float] = None) -> float:
+    """Hours on `gpu_count` x `gpu`. A measured tokens/s per GPU (calibration) wins over the model."""
+    if tokens_per_s:
+        return tokens / (tokens_per_s * gpu_count) / 3600
+    compute_s = training_flops(facts, tokens, seq_len, gradient_checkpointing) / (
+        gpu.tflops_dense * 1e12 * EFFICIENCY * gpu_count)
+    passes = 3 if gradient_checkpointing else 2
+    bytes_per_micro_step = passes * facts.linear_params * (BYTES_4BIT + 2 * COMPUTE_BYTES)
+    micro_steps = math.ceil(tokens / (micro_batch * seq_len))
+    memory_s = micro_steps * bytes_per_micro_step / (gpu.mem_bandwidth_gbs * 1e9 * gpu_count)
+    return max(compute_s, memory_s) / 3600
+
+
+def estimate_usd(hours: float, usd_per_hour: float) -> float:
+    return (hours + STARTUP_HOURS) * usd_per_hour
