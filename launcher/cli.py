@@ -38,7 +38,7 @@ from launcher.sync import assets_bytes, local_assets
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-COMMANDS = ("runs", "status", "logs", "attach", "resume", "pull", "down")
+COMMANDS = ("plan", "runs", "status", "logs", "attach", "resume", "pull", "down")
 
 
 class UsageError(Exception):
@@ -48,12 +48,14 @@ class UsageError(Exception):
 def launch_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launch", description="QLoRA fine-tuning, launched from your laptop.",
-        epilog="other commands: launch runs | status RUN | logs RUN [-f] | attach RUN | resume RUN | pull RUN | "
+        epilog="other commands: launch plan | runs | status RUN | logs RUN [-f] | attach RUN | resume RUN | pull RUN | "
                "down RUN   (launch COMMAND --help for each)")
     parser.add_argument("--config", type=Path, default=None,
                         help=f"job YAML (default: the tiny CPU demo, {DEFAULT_CONFIG.name})")
     parser.add_argument("--target", default=None,
                         help="local (default), ssh://user@host[:port], user@host, or an ~/.ssh/config alias")
+    parser.add_argument("--gpu", default=None,
+                        help="rent the cheapest whole job on this GPU, e.g. A10G or A10G:2 (see `launch plan`)")
     parser.add_argument("--identity", default=None, help="SSH private key for the target (resources.ssh_identity)")
     parser.add_argument("--python", default=None,
                         help="an interpreter on the target that has the runner's packages (skips the venv)")
@@ -75,7 +77,11 @@ def command_parser(command: str) -> argparse.ArgumentParser:
         "resume": "continue an interrupted run from its newest checkpoint",
         "pull": "fetch checkpoints, metrics, logs and the adapter now", "down": "stop the job and release its machine",
     }
+    descriptions["plan"] = "price the whole job on every offer that can hold it, and pick the cheapest"
     parser = argparse.ArgumentParser(prog=f"launch {command}", description=descriptions[command])
+    if command == "plan":
+        add_plan_arguments(parser)
+        return parser
     if command != "runs":
         parser.add_argument("run", help="run id (see `launch runs`)")
     if command in ("runs", "status", "pull"):
@@ -137,6 +143,8 @@ def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, erro
     overrides = {"target": args.target, "ssh_identity": args.identity, "python": args.python,
                  "usd_per_hour": args.usd_per_hour}
     config = load_config(config_path, overrides)
+    if config.resources.target is None and (args.gpu or config.resources.gpu):
+        return _rented_target_not_yet(config, args, store, console, errors)
     target = config.resources.target or "local"
     session = _create_session(config, target, args, store)
     report = preflight(config, session)
@@ -400,7 +408,119 @@ def cmd_down(args: argparse.Namespace, store: RunStore, console: Console, errors
     return 0
 
 
-COMMAND_FUNCTIONS = {"runs": cmd_runs, "status": cmd_status, "logs": cmd_logs, "attach": cmd_attach,
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="job YAML")
+    parser.add_argument("--gpu", default=None, help="only this GPU, e.g. A10G or A10G:2")
+    parser.add_argument("--providers", default=None, help="comma-separated, e.g. vast,aws")
+    market = parser.add_mutually_exclusive_group()
+    market.add_argument("--spot", action="store_true", help="interruptible offers only")
+    market.add_argument("--on-demand", action="store_true", help="on-demand offers only")
+    parser.add_argument("--max-price", type=float, default=None, help="USD per hour cap")
+    parser.add_argument("--max-total", type=float, default=None, help="USD cap for the whole job")
+    parser.add_argument("--rows", type=int, default=15, help="offers shown in the table (--json has all)")
+    parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def cmd_plan(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
+    from launcher import offers
+
+    config = load_config(args.config)
+    made = make_plan(config, args, store, errors)
+    if isinstance(made, int):
+        return made
+    rows, choice, need = made
+    if args.json:
+        console.print_json(json.dumps(offers.plan_json(rows, choice, need)))
+    else:
+        render_offers(console, rows, choice, need, args.rows)
+    if choice is None:
+        errors.print(f"[red]error:[/] {offers.no_fit_message(rows, need)}", highlight=False)
+        return 9
+    return 0
+
+
+def make_plan(config: LaunchConfig, args: argparse.Namespace, store: RunStore, errors: Console) -> Any:
+    """(rows, choice, need) for `launch plan` and `launch --gpu`, or an exit code after printing
+    the data errors."""
+    from launcher import offers
+    from launcher.estimate import UnknownModel
+    from launcher.gpus import UnknownGPU, parse_request
+
+    report = PreflightReport()
+    check_data(report, config)
+    if report.errors:
+        for finding in report.errors:
+            errors.print(f"[red]error:[/] {finding.message}", highlight=False)
+        return report.exit_code
+    gpu_text = getattr(args, "gpu", None) or config.resources.gpu
+    try:
+        gpu, count = parse_request(gpu_text) if gpu_text else (None, None)
+        need = offers.job_need(config, report.example_tokens)
+    except (UnknownGPU, ValueError) as e:
+        raise UsageError(str(e)) from None
+    except UnknownModel as e:
+        raise ConfigError(str(e)) from None
+    providers_text = getattr(args, "providers", None)
+    providers = (tuple(p.strip() for p in providers_text.split(",")) if providers_text
+                 else tuple(config.resources.providers) if config.resources.providers else None)
+    spot, on_demand = getattr(args, "spot", False), getattr(args, "on_demand", False)
+    max_price, max_total = getattr(args, "max_price", None), getattr(args, "max_total", None)
+    constraints = offers.Constraints(
+        gpu=gpu, gpu_count=count if gpu_text and ":" in gpu_text else None, providers=providers,
+        interruptible=True if spot else False if on_demand else None,
+        max_usd_per_hour=max_price if max_price is not None else config.resources.max_price,
+        max_total_usd=max_total if max_total is not None else config.resources.max_total_usd)
+    rows, choice = offers.plan(offers.catalog_offers(), need, constraints,
+                               store.measured_rates(config.job.model.base))
+    return rows, choice, need
+
+
+def _rented_target_not_yet(config: LaunchConfig, args: argparse.Namespace, store: RunStore, console: Console,
+                           errors: Console) -> int:
+    """A GPU asked for and no --target: the plan says what we would rent. Renting itself comes
+    with the Vast.ai and SkyPilot providers; until then say so, before anything is spent."""
+    from launcher import offers
+
+    made = make_plan(config, args, store, errors)
+    if isinstance(made, int):
+        return made
+    rows, choice, need = made
+    if choice is None:
+        errors.print(f"[red]error:[/] {offers.no_fit_message(rows, need)}", highlight=False)
+        return 9
+    o, best = rows[choice].offer, rows[choice]
+    errors.print(f"[red]error:[/] the plan picks {o.gpu_count}x {o.gpu} on {o.provider} "
+                 f"({'spot' if o.interruptible else 'on-demand'}, ${o.usd_per_hour:.3f}/h, est. "
+                 f"${best.est_total_usd:.2f} in all), but renting on {o.provider} is not built yet; "
+                 "`launch plan` lists the offers; to train now pass --target ssh://you@your-gpu-box (or local)",
+                 highlight=False)
+    return EXIT_USAGE
+
+
+def render_offers(console: Console, rows: list, choice: Optional[int], need: Any, limit: int) -> None:
+    tokens = "unknown" if need.tokens is None else f"{'≤ ' if need.tokens_bound else ''}{need.tokens:,}"
+    console.print(f"need: {need.vram_gb:.1f} GB of GPU memory, {tokens} training tokens "
+                  f"({need.facts.total_params / 1e9:.2f}B parameters, micro batch {need.micro_batch} x "
+                  f"{need.seq_len} tokens)", highlight=False)
+    table = Table(title="offers, cheapest whole job first")
+    for column in ("", "provider", "region", "GPU", "VRAM", "$/h", "est. hours", "est. total $", "market", "note"):
+        table.add_column(column, justify="right" if column in ("VRAM", "$/h", "est. hours", "est. total $") else "left")
+    fitting = [p for p in rows if p.fits][:limit]
+    misses = [p for p in rows if not p.fits][:5]
+    for index, p in enumerate(fitting + misses):
+        o = p.offer
+        hours = "-" if p.est_hours is None else f"{p.est_hours:.2f}{'*' if p.calibrated else ''}"
+        table.add_row("→" if choice is not None and index == choice else "", o.provider, o.region or "-",
+                      f"{o.gpu_count}x {o.gpu}", f"{o.vram_gb or 0:.0f} GB", f"{o.usd_per_hour:.3f}", hours,
+                      "-" if p.est_total_usd is None else f"{p.est_total_usd:.2f}",
+                      "spot" if o.interruptible else "on-demand", p.why_not or "")
+    console.print(table)
+    console.print("est. hours: FLOPs / (dense TFLOP/s x 0.30), floored by memory bandwidth; * = calibrated by "
+                  "your measured runs on that GPU. est. total: (hours + 0.25 h start-up) x $/h.", highlight=False)
+
+
+COMMAND_FUNCTIONS = {"plan": cmd_plan, "runs": cmd_runs, "status": cmd_status, "logs": cmd_logs, "attach": cmd_attach,
                      "resume": cmd_resume, "pull": cmd_pull, "down": cmd_down}
 
 

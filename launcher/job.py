@@ -148,7 +148,7 @@ def create_run(config: LaunchConfig, target: str, runs_dir: Path, store: RunStor
     record = store.create(RunRecord(
         id=run_id, config_path=str(config.path), run_dir=str(run_dir), target=target, provider=provider.name,
         gpu=config.resources.gpu, usd_per_hour=config.resources.usd_per_hour,
-        identity=config.resources.ssh_identity,
+        identity=config.resources.ssh_identity, model=config.job.model.base,
     ))
     machine = provider.reconnect(target, machine_spec(run_id, record.identity))
     return Session(store, record, provider, machine)
@@ -361,7 +361,8 @@ def finish(session: Session, look: Probe, reporter: Reporter) -> Outcome:
                  f"`launch resume {session.record.id}` continues from the newest checkpoint")
     session.update(status=status, exit_code=code, ended_at=now, elapsed_s=elapsed,
                    started_at=None, step=look.status.get("step", session.record.step),
-                   total_steps=look.status.get("total_steps", session.record.total_steps), error=error)
+                   total_steps=look.status.get("total_steps", session.record.total_steps), error=error,
+                   tokens_per_s=measured_tokens_per_s(session.run_dir))
     plot_losses(session.run_dir)
     return Outcome(session.record, session.run_dir, evaluation=_read_json(session.run_dir / "eval.json"),
                    samples=_read_jsonl(session.run_dir / "samples.jsonl"))
@@ -554,6 +555,13 @@ def _probe_or_fail(session: Session) -> Probe:
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return _read_jsonl(run_dir / "metrics.jsonl")
+
+
+def measured_tokens_per_s(run_dir: Path) -> Optional[float]:
+    """The median training throughput of a run (the first steps, which warm up, left out)."""
+    rates = [e["tokens_per_s"] for e in read_metrics(run_dir)
+             if e.get("event") == "train" and e.get("tokens_per_s") and e.get("step", 0) > 2]
+    return sorted(rates)[len(rates) // 2] if rates else None
 
 
 def plot_losses(run_dir: Path) -> Optional[Path]:

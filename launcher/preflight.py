@@ -46,6 +46,7 @@ class Finding:
 class PreflightReport:
     findings: list[Finding] = field(default_factory=list)
     examples: Optional[int] = None  # in data.path (before the split)
+    example_tokens: Optional[list[int]] = None  # each data.path example's length in tokens
     planned_steps: Optional[int] = None
     gpus: list[str] = field(default_factory=list)  # what the target's nvidia-smi lists
     free_disk_gb: Optional[float] = None
@@ -94,9 +95,10 @@ def check_data(report: PreflightReport, config: LaunchConfig) -> None:
         except qr.RunnerError as e:
             report.add("error", "data", str(e), EXIT_DATA)
             continue
+        lengths = _token_counts(examples, tokenizer)
         if key == "path":
             report.examples = len(records)
-        lengths = _token_counts(examples, tokenizer)
+            report.example_tokens = lengths
         too_long = [n for n in lengths if n > data.max_length]
         if too_long:
             approx = "" if tokenizer else "about "

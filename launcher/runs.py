@@ -49,6 +49,8 @@ class RunRecord:
     started_at: Optional[float] = None  # when the runner was (last) started; None while it is not running
     elapsed_s: float = 0.0  # runner time of the finished segments (a resumed run has several)
     pulled_step: Optional[int] = None  # newest checkpoint pulled to this machine
+    model: Optional[str] = None  # model.base, for calibrating later estimates
+    tokens_per_s: Optional[float] = None  # measured: the median of the run's training steps
     gpu: Optional[str] = None
     step: Optional[int] = None
     total_steps: Optional[int] = None
@@ -121,6 +123,17 @@ class RunStore:
     def list(self, limit: int = 50) -> list[RunRecord]:
         rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", [limit]).fetchall()
         return [RunRecord(**dict(row)) for row in rows]
+
+    def measured_rates(self, model: str) -> dict[str, float]:
+        """Measured training tokens/s of finished runs of `model`, per GPU (as the target's
+        nvidia-smi named it; one GPU per run, the runner's speed does not scale with more)."""
+        rows = self._db.execute(
+            "SELECT gpu, tokens_per_s FROM runs WHERE model = ? AND status = 'done' AND gpu IS NOT NULL "
+            "AND tokens_per_s IS NOT NULL ORDER BY ended_at", [model]).fetchall()
+        rates: dict[str, list[float]] = {}
+        for row in rows:
+            rates.setdefault(row["gpu"], []).append(row["tokens_per_s"])
+        return {gpu: sorted(values)[len(values) // 2] for gpu, values in rates.items()}
 
     def close(self) -> None:
         self._db.close()

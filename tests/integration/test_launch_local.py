@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers import read_json, tiny_job, train_losses
+from tests.helpers import TINY_MODEL, read_json, tiny_job, train_losses
 from tests.integration.conftest import Launcher, output_of, runner_step
 
 
@@ -25,6 +25,8 @@ def test_launch_runs_the_config_locally(launcher: Launcher):
     assert "fine-tuned" in proc.stdout and "base model" in proc.stdout  # the summary table
     assert (record.status, record.exit_code, record.target, record.provider) == ("done", 0, "local", "local")
     assert (record.step, record.total_steps) == (20, 20) and record.ended_at >= record.created_at
+    # What later plans calibrate with: the model and the run's measured throughput.
+    assert record.model == str(TINY_MODEL) and record.tokens_per_s > 0
     # The local target keeps its working folder beside the run records (QLORA_LAUNCH_HOME).
     assert Path(record.remote_dir).is_relative_to(launcher.home / "local-target")
     listed = json.loads(launcher.run("runs", "--json").stdout)

@@ -86,3 +86,15 @@ def test_records_of_an_older_launcher_gain_the_new_columns(tmp_path):
     old = store.get("old")
     assert (old.status, old.step, old.remote_dir, old.pid) == ("done", 5, None, None)
     assert store.update("old", pulled_step=5).pulled_step == 5
+
+
+def test_measured_rates_are_the_median_of_finished_runs_per_gpu(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    for i, (gpu, rate, status) in enumerate([("NVIDIA A10G", 1000.0, "done"), ("NVIDIA A10G", 1400.0, "done"),
+                                             ("NVIDIA A10G", 1200.0, "done"), ("NVIDIA A10G", 9.0, "failed"),
+                                             ("NVIDIA L4", 800.0, "done")]):
+        store.create(RunRecord(id=f"r{i}", config_path="c", run_dir="d", target="t", model="m"))
+        store.update(f"r{i}", gpu=gpu, tokens_per_s=rate, status=status)
+    store.create(RunRecord(id="other", config_path="c", run_dir="d", target="t", model="another"))
+    store.update("other", gpu="NVIDIA L4", tokens_per_s=5.0, status="done")
+    assert store.measured_rates("m") == {"NVIDIA A10G": 1200.0, "NVIDIA L4": 800.0}

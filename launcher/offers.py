@@ -1,0 +1,270 @@
+"""Offers across providers, filtered by fit, ranked by the estimated cost of the whole job.
+
+SkyPilot and dstack pick the cheapest $/hour among machines matching what the user typed; we
+price the whole job on every machine that can hold it: est_total_usd = (est_hours + start-up) x
+$/h, and the cheapest fitting offer wins (ties: fewer hours). A fast expensive GPU often beats a
+slow cheap one.
+
+Offers come from SkyPilot's catalog files (catalog.py) for Vast.ai and the clouds: one offer per
+row and market (on-demand, and spot where the row has a spot price). Live Vast.ai search replaces
+Vast's catalog rows with the Vast.ai provider.
+
+Several GPUs: the runner spreads a model that does not fit one GPU over all of them
+(device_map="auto"), which runs the layers one GPU at a time: more memory, not more speed. So a
+multi-GPU offer fits when the job fits the GPUs' summed memory, and takes as long as on one GPU."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from launcher import catalog, estimate
+from launcher.config import LaunchConfig, runner_module
+from launcher.gpus import GPU, UnknownGPU, resolve
+from launcher.paths import REPO_ROOT
+
+CATALOG_CLOUDS = ("vast", "aws", "lambda")
+VRAM_MARGIN = 0.90  # plan to fill at most 90 % of a GPU: the estimate is an estimate
+SHIPPED_CATALOGS = REPO_ROOT / "catalogs"
+# Training examples of the ready configs' hub datasets (their dataset cards), so planning works
+# offline: (id, subset, split) -> examples.
+HUB_DATASET_EXAMPLES = {
+    ("yahma/alpaca-cleaned", None, "train"): 51_760,
+    ("HuggingFaceH4/ultrachat_200k", None, "train_sft"): 207_865,
+    ("openai/gsm8k", "main", "train"): 7_473,
+}
+
+
+class NoFittingOffer(Exception):
+    """Nothing can hold the job under the constraints; the message names the nearest miss."""
+
+
+@dataclass(frozen=True)
+class Offer:
+    provider: str  # vast | aws | lambda | ...
+    region: Optional[str]
+    gpu: str  # the market's name
+    gpu_count: int
+    vram_gb: Optional[float]  # per GPU, as the market states it
+    usd_per_hour: float
+    interruptible: bool
+    instance_type: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class JobNeed:
+    vram_gb: float
+    tokens: Optional[int]  # tokens to train on (None: unknown)
+    tokens_bound: bool  # True: an upper bound (every example at data.max_length)
+    seq_len: int
+    micro_batch: int
+    gradient_checkpointing: bool
+    facts: estimate.ModelFacts
+
+    def as_json(self) -> dict[str, Any]:
+        return {"vram_gb": round(self.vram_gb, 2), "tokens": self.tokens, "tokens_upper_bound": self.tokens_bound,
+                "seq_len": self.seq_len, "micro_batch": self.micro_batch,
+                "gradient_checkpointing": self.gradient_checkpointing, "params": self.facts.total_params}
+
+
+@dataclass(frozen=True)
+class PlannedOffer:
+    offer: Offer
+    est_hours: Optional[float]
+    est_total_usd: Optional[float]
+    fits: bool
+    why_not: Optional[str]  # why it does not fit or was excluded
+    calibrated: bool = False  # hours from a measured tokens/s on this GPU
+
+    def as_json(self) -> dict[str, Any]:
+        o = self.offer
+        return {"provider": o.provider, "region": o.region, "gpu": o.gpu, "gpu_count": o.gpu_count,
+                "vram_gb": o.vram_gb, "usd_per_hour": o.usd_per_hour, "interruptible": o.interruptible,
+                "est_hours": _round(self.est_hours, 3), "est_total_usd": _round(self.est_total_usd, 2),
+                "fits": self.fits, "why_not": self.why_not, "calibrated": self.calibrated,
+                "instance_type": o.instance_type}
+
+
+def _round(value: Optional[float], digits: int) -> Optional[float]:
+    return None if value is None else round(value, digits)
+
+
+# ---------------------------------------------------------------------------------------------
+# the job's need
+# ---------------------------------------------------------------------------------------------
+
+
+def job_need(config: LaunchConfig, example_tokens: Optional[list[int]] = None) -> JobNeed:
+    """VRAM and tokens of the job. `example_tokens`: each local example's length in tokens
+    (preflight counts them); without them the ready configs' hub datasets are bounded."""
+    qr = runner_module()
+    job = config.job
+    local_path, is_local = qr.resolve_local(job.model.base, config.base_dir)
+    facts = estimate.model_facts(job.model.base, local_path if is_local else None)
+    vram = estimate.estimate_vram(
+        facts, micro_batch=job.train.micro_batch_size, seq_len=job.data.max_length, lora_r=job.lora.r,
+        lora_dropout=job.lora.dropout, gradient_checkpointing=job.train.gradient_checkpointing,
+        optimizer="paged_adamw_8bit" if job.train.optimizer == "auto" else job.train.optimizer,
+        double_quant=job.model.double_quant)
+    tokens, bound = training_tokens(config, example_tokens)
+    return JobNeed(vram_gb=vram.total_gb, tokens=tokens, tokens_bound=bound, seq_len=job.data.max_length,
+                   micro_batch=job.train.micro_batch_size, gradient_checkpointing=job.train.gradient_checkpointing,
+                   facts=facts)
+
+
+def training_tokens(config: LaunchConfig, example_tokens: Optional[list[int]]) -> tuple[Optional[int], bool]:
+    """(tokens the job trains on, whether that is an upper bound)."""
+    job = config.job
+    data, train = job.data, job.train
+    per_step = train.micro_batch_size * train.grad_accum
+    if example_tokens:
+        lengths = [min(n, data.max_length) for n in example_tokens]
+        mean = sum(lengths) / len(lengths)
+        if train.max_steps:
+            return int(train.max_steps * per_step * mean), False
+        train_share = data.splits.train + (data.splits.validation if data.validation_path else 0) + (
+            data.splits.test if data.test_path else 0)
+        return int(sum(lengths) * train_share * train.epochs), False
+    if train.max_steps:
+        return train.max_steps * per_step * data.max_length, True
+    examples = HUB_DATASET_EXAMPLES.get((data.path, data.subset, data.hub_split))
+    if examples is None:
+        return None, True
+    return int(examples * data.splits.train * train.epochs * data.max_length), True
+
+
+# ---------------------------------------------------------------------------------------------
+# offers
+# ---------------------------------------------------------------------------------------------
+
+
+def catalog_offers(folder: Optional[Path] = None, clouds: tuple[str, ...] = CATALOG_CLOUDS) -> list[Offer]:
+    """Every GPU row of the catalogs, once on demand and once as spot where priced so."""
+    folder = folder or catalog.catalog_dir() or SHIPPED_CATALOGS
+    offers = []
+    for cloud in clouds:
+        if not (folder / "v8" / cloud / "vms.csv").is_file():
+            continue
+        for row in catalog.read_rows(cloud, folder):
+            for price, spot in ((row.usd_per_hour, False), (row.spot_usd_per_hour, True)):
+                if price:
+                    offers.append(Offer(provider=cloud, region=row.region, gpu=row.gpu_name,
+                                        gpu_count=row.gpu_count, vram_gb=row.vram_gb_per_gpu, usd_per_hour=price,
+                                        interruptible=spot, instance_type=row.instance_type))
+    return offers
+
+
+def evaluate(offer: Offer, need: JobNeed, rates: Optional[dict[str, float]] = None) -> PlannedOffer:
+    """Fit, hours and total $ of the job on one offer."""
+    try:
+        gpu: Optional[GPU] = resolve(offer.gpu)
+    except UnknownGPU:
+        gpu = None
+    if gpu is None or not gpu.cuda:
+        return PlannedOffer(offer, None, None, False, "not a CUDA GPU the runner supports")
+    per_gpu = offer.vram_gb or gpu.vram_gb
+    usable = per_gpu * offer.gpu_count * VRAM_MARGIN
+    hours = None
+    calibrated = False
+    if need.tokens is not None:
+        rate = calibrated_rate(rates or {}, gpu)
+        calibrated = rate is not None
+        hours = estimate.estimate_hours(need.facts, gpu, 1, need.tokens, need.seq_len, need.micro_batch,
+                                        need.gradient_checkpointing, tokens_per_s=rate)
+    total = estimate.estimate_usd(hours, offer.usd_per_hour) if hours is not None else None
+    if need.vram_gb > usable:
+        return PlannedOffer(offer, hours, total, False,
+                            f"too small: {usable:.1f} of {need.vram_gb:.1f} GB", calibrated)
+    return PlannedOffer(offer, hours, total, True, None, calibrated)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    gpu: Optional[GPU] = None
+    gpu_count: Optional[int] = None
+    providers: Optional[tuple[str, ...]] = None
+    interruptible: Optional[bool] = None  # None: both markets
+    max_usd_per_hour: Optional[float] = None
+    max_total_usd: Optional[float] = None
+
+
+def plan(offers: list[Offer], need: JobNeed, constraints: Constraints,
+         rates: Optional[dict[str, float]] = None) -> tuple[list[PlannedOffer], Optional[int]]:
+    """Every offer of the requested GPU (or every offer), evaluated and sorted by total $ (fitting
+    ones first); the index of the choice, or None when nothing fits."""
+    c = constraints
+    rows = []
+    for offer in offers:
+        if c.providers and offer.provider not in c.providers:
+            continue
+        if c.gpu is not None and _gpu_of(offer) is not c.gpu:
+            continue
+        planned = evaluate(offer, need, rates)
+        reason = _excluded(planned, c)
+        if reason:
+            planned = PlannedOffer(offer, planned.est_hours, planned.est_total_usd, False, reason, planned.calibrated)
+        rows.append(planned)
+    rows.sort(key=lambda p: (not p.fits, _key(p.est_total_usd), _key(p.est_hours), p.offer.usd_per_hour))
+    choice = 0 if rows and rows[0].fits else None
+    return rows, choice
+
+
+def _excluded(p: PlannedOffer, c: Constraints) -> Optional[str]:
+    if not p.fits:
+        return p.why_not
+    o = p.offer
+    if c.gpu_count is not None and o.gpu_count != c.gpu_count:
+        return f"{o.gpu_count} GPUs, {c.gpu_count} asked for"
+    if c.interruptible is not None and o.interruptible != c.interruptible:
+        return "spot" if o.interruptible else "on-demand"
+    if c.max_usd_per_hour is not None and o.usd_per_hour > c.max_usd_per_hour:
+        return f"above the ${c.max_usd_per_hour:.2f}/h cap"
+    if c.max_total_usd is not None and p.est_total_usd is not None and p.est_total_usd > c.max_total_usd:
+        return f"above the ${c.max_total_usd:.2f} total cap"
+    return None
+
+
+def calibrated_rate(measured: dict[str, float], gpu: GPU) -> Optional[float]:
+    """A measured tokens/s for this GPU model, whatever name the target's nvidia-smi gave it
+    ("NVIDIA A10G", "2x NVIDIA A10G")."""
+    for name, rate in measured.items():
+        try:
+            if resolve(name.split("x ", 1)[-1] if name[:1].isdigit() else name) is gpu:
+                return rate
+        except UnknownGPU:
+            continue
+    return None
+
+
+def _gpu_of(offer: Offer) -> Optional[GPU]:
+    try:
+        return resolve(offer.gpu)
+    except UnknownGPU:
+        return None
+
+
+def _key(value: Optional[float]) -> float:
+    return math.inf if value is None else value
+
+
+def no_fit_message(rows: list[PlannedOffer], need: JobNeed) -> str:
+    """What to change, naming the cheapest near miss."""
+    misses = [p for p in rows if p.why_not]
+    if not rows:
+        return "no offer matches the GPU and providers asked for; try another --gpu or --providers"
+    nearest = min(misses, key=lambda p: (_key(p.est_total_usd), p.offer.usd_per_hour))
+    o = nearest.offer
+    if nearest.why_not and "cap" in nearest.why_not:
+        fixes = "a higher --max-price / --max-total (resources.max_price, resources.max_total_usd), or another --gpu"
+    else:
+        fixes = ("a smaller train.micro_batch_size or data.max_length, train.gradient_checkpointing: true, "
+                 "or a bigger GPU")
+    return (f"no offer can hold this job (it needs about {need.vram_gb:.1f} GB); the cheapest near miss is "
+            f"{o.gpu_count}x {o.gpu} on {o.provider} at ${o.usd_per_hour:.2f}/h: {nearest.why_not}. Try {fixes}")
+
+
+def plan_json(rows: list[PlannedOffer], choice: Optional[int], need: JobNeed) -> dict[str, Any]:
+    return {"need": need.as_json(), "offers": [p.as_json() for p in rows], "choice": choice}
+

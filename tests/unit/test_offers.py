@@ -1,0 +1,147 @@
+"""Planning: the choice is the cheapest whole job among offers that can hold it, on generated
+markets and on the real catalogs in catalogs/."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from launcher import config as launch_config
+from launcher import offers
+from launcher.catalog import read_rows
+from launcher.gpus import GPUS, resolve
+from tests.helpers import ROOT
+
+READY = ["mistral-7b-qlora", "llama-3.1-8b-qlora", "deepseek-r1-distill-qwen-1.5b-qlora"]
+
+
+def need_of(name: str) -> offers.JobNeed:
+    return offers.job_need(launch_config.load(ROOT / "configs" / f"{name}.yaml"))
+
+
+def random_market(rng: random.Random, size: int) -> list[offers.Offer]:
+    cuda = [g for g in GPUS if g.cuda]
+    market = []
+    for _ in range(size):
+        gpu = rng.choice(cuda)
+        market.append(offers.Offer(provider=rng.choice(["vast", "aws", "lambda"]), region=None, gpu=gpu.name,
+                                   gpu_count=rng.choice([1, 1, 1, 2, 4]), vram_gb=gpu.vram_gb,
+                                   usd_per_hour=round(rng.uniform(0.05, 12), 3), interruptible=rng.random() < 0.5))
+    return market
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_choice_is_the_cheapest_fitting_whole_job(seed):
+    rng = random.Random(seed)
+    need = need_of(rng.choice(READY))
+    market = random_market(rng, rng.randint(1, 60))
+    cap = rng.choice([None, 1.0, 3.0])
+    rows, choice = offers.plan(market, need, offers.Constraints(max_usd_per_hour=cap))
+    assert len(rows) == len(market)  # every offer appears, fitting or not
+    feasible = [offers.evaluate(o, need) for o in market]
+    feasible = [p for p in feasible if p.fits and (cap is None or p.offer.usd_per_hour <= cap)]
+    if not feasible:
+        assert choice is None
+        return
+    best = min(p.est_total_usd for p in feasible)  # brute force
+    assert choice == 0 and rows[0].fits and rows[0].est_total_usd == pytest.approx(best)
+    assert all(p.est_total_usd >= best - 1e-9 for p in rows if p.fits)
+
+
+@pytest.mark.parametrize("name", READY)
+def test_the_real_catalogs_give_a_sensible_plan(name):
+    need = need_of(name)
+    rows, choice = offers.plan(offers.catalog_offers(ROOT / "catalogs"), need, offers.Constraints())
+    assert choice == 0
+    chosen = rows[0]
+    per_gpu = chosen.offer.vram_gb * chosen.offer.gpu_count
+    assert need.vram_gb <= per_gpu * offers.VRAM_MARGIN
+    assert 0 < chosen.est_hours < 200 and 0 < chosen.est_total_usd < 100
+    # Nothing that fits is cheaper, and the near misses say why they miss.
+    assert all(p.est_total_usd >= chosen.est_total_usd for p in rows if p.fits)
+    assert all(p.why_not for p in rows if not p.fits)
+
+
+def test_asking_for_a10g_finds_the_aws_g5_offers():
+    need = need_of("mistral-7b-qlora")
+    rows, choice = offers.plan(offers.catalog_offers(ROOT / "catalogs"), need,
+                               offers.Constraints(gpu=resolve("A10G")))
+    catalog_rows = [r for r in read_rows("aws", ROOT / "catalogs") if r.gpu_name == "A10G"]
+    markets = sum(bool(r.usd_per_hour) + bool(r.spot_usd_per_hour) for r in catalog_rows)
+    assert len(rows) == markets > 0
+    assert {p.offer.provider for p in rows} == {"aws"}
+    assert all(p.offer.instance_type.startswith("g5.") for p in rows)
+    assert choice == 0 and rows[0].fits
+
+
+def test_more_gpus_hold_more_but_do_not_go_faster():
+    need = need_of("llama-3.1-8b-qlora")
+    one = offers.evaluate(offers.Offer("x", None, "T4", 1, 16, 0.5, False), need)
+    two = offers.evaluate(offers.Offer("x", None, "T4", 2, 16, 1.0, False), need)
+    assert not one.fits and two.fits and two.est_hours == pytest.approx(one.est_hours)
+
+
+def test_calibrated_rates_replace_the_model():
+    need = need_of("mistral-7b-qlora")
+    a10g = offers.Offer("aws", None, "A10G", 1, 24, 1.0, False)
+    planned = offers.evaluate(a10g, need, {"NVIDIA A10G": 2000.0})
+    assert planned.calibrated and planned.est_hours == pytest.approx(need.tokens / 2000 / 3600)
+    assert not offers.evaluate(a10g, need, {"NVIDIA L4": 2000.0}).calibrated
+
+
+def launch_plan(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "QLORA_LAUNCH_HOME": str(tmp_path / "home"),
+           "QLORA_LAUNCH_CATALOG_DIR": str(ROOT / "catalogs"), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "launcher", "plan", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_plan_json_lists_every_row_of_the_gpu_and_marks_the_choice(tmp_path):
+    proc = launch_plan(tmp_path, "--config", str(ROOT / "configs" / "mistral-7b-qlora.yaml"), "--gpu", "A10G",
+                       "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert set(plan) == {"need", "offers", "choice"}
+    assert plan["need"]["vram_gb"] > 5 and plan["need"]["tokens"] > 0
+    chosen = plan["offers"][plan["choice"]]
+    assert chosen["fits"] and chosen["gpu"] == "A10G"
+    keys = {"provider", "region", "gpu", "gpu_count", "vram_gb", "usd_per_hour", "interruptible", "est_hours",
+            "est_total_usd", "fits"}
+    assert all(keys <= set(o) for o in plan["offers"])
+    fitting = [o["est_total_usd"] for o in plan["offers"] if o["fits"]]
+    assert chosen["est_total_usd"] == min(fitting)
+
+
+def test_no_fitting_offer_is_a_clear_error_naming_the_near_miss(tmp_path):
+    proc = launch_plan(tmp_path, "--config", str(ROOT / "configs" / "llama-3.1-8b-qlora.yaml"), "--gpu", "T4",
+                       "--on-demand")
+    assert proc.returncode == 9
+    error = proc.stderr.strip().splitlines()[-1]
+    assert "no offer can hold this job" in error and "cheapest near miss is 1x T4 on aws" in error
+    assert "smaller train.micro_batch_size" in error
+    unknown = launch_plan(tmp_path, "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), "--gpu", "A10X")
+    assert unknown.returncode == 2 and "did you mean A10" in unknown.stderr
+
+
+def test_a_price_cap_miss_suggests_raising_the_cap(tmp_path):
+    proc = launch_plan(tmp_path, "--config", str(ROOT / "configs" / "mistral-7b-qlora.yaml"), "--gpu", "H100",
+                       "--max-price", "0.5")
+    assert proc.returncode == 9
+    assert "above the $0.50/h cap. Try a higher --max-price" in proc.stderr
+
+
+def test_launch_with_a_gpu_and_no_target_says_what_it_would_rent_and_starts_nothing(tmp_path):
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "QLORA_LAUNCH_HOME": str(tmp_path / "home"),
+           "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "launcher", "--config", str(ROOT / "configs" / "mistral-7b-qlora.yaml"),
+                           "--gpu", "A10G", "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "the plan picks 1x A10G on aws" in proc.stderr and "--target ssh://" in proc.stderr
+    from launcher.runs import RunStore
+
+    assert not (tmp_path / "runs").exists() and RunStore(tmp_path / "home" / "runs.sqlite").list() == []
