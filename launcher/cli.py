@@ -417,6 +417,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     market.add_argument("--on-demand", action="store_true", help="on-demand offers only")
     parser.add_argument("--max-price", type=float, default=None, help="USD per hour cap")
     parser.add_argument("--max-total", type=float, default=None, help="USD cap for the whole job")
+    parser.add_argument("--target", default=None,
+                        help="also price this machine (local, ssh://user@host[:port], an ssh config alias)")
+    parser.add_argument("--identity", default=None, help="SSH private key for --target")
+    parser.add_argument("--usd-per-hour", type=float, default=None, help="what --target costs you per hour")
     parser.add_argument("--rows", type=int, default=15, help="offers shown in the table (--json has all)")
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -471,9 +475,33 @@ def make_plan(config: LaunchConfig, args: argparse.Namespace, store: RunStore, e
         interruptible=True if spot else False if on_demand else None,
         max_usd_per_hour=max_price if max_price is not None else config.resources.max_price,
         max_total_usd=max_total if max_total is not None else config.resources.max_total_usd)
-    rows, choice = offers.plan(offers.catalog_offers(), need, constraints,
-                               store.measured_rates(config.job.model.base))
+    market = offers.catalog_offers() + target_offers(config, args, errors)
+    rows, choice = offers.plan(market, need, constraints, store.measured_rates(config.job.model.base))
     return rows, choice, need
+
+
+def target_offers(config: LaunchConfig, args: argparse.Namespace, errors: Console) -> list:
+    """The machine --target (or resources.target) names, priced at --usd-per-hour, with the GPUs
+    its nvidia-smi lists; an unreachable one is a warning, not the end of the plan."""
+    from launcher.providers.base import Need
+    from launcher.providers.local import LocalProvider
+    from launcher.providers.ssh import SSHProvider
+
+    target = getattr(args, "target", None) or config.resources.target
+    if not target:
+        return []
+    price = getattr(args, "usd_per_hour", None)
+    price = config.resources.usd_per_hour if price is None else price
+    if target == "local":
+        return LocalProvider().offers(Need(), price)
+    identity = getattr(args, "identity", None) or config.resources.ssh_identity
+    try:
+        return SSHProvider(target, job.machine_spec("plan", identity)).offers(Need(), price)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except RemoteError as e:
+        errors.print(f"[yellow]warning:[/] {e}; {target} left out of the plan", highlight=False)
+        return []
 
 
 def _rented_target_not_yet(config: LaunchConfig, args: argparse.Namespace, store: RunStore, console: Console,

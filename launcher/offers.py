@@ -24,6 +24,7 @@ from launcher import catalog, estimate
 from launcher.config import LaunchConfig, runner_module
 from launcher.gpus import GPU, UnknownGPU, resolve
 from launcher.paths import REPO_ROOT
+from launcher.providers.base import Offer
 
 CATALOG_CLOUDS = ("vast", "aws", "lambda")
 VRAM_MARGIN = 0.90  # plan to fill at most 90 % of a GPU: the estimate is an estimate
@@ -39,18 +40,6 @@ HUB_DATASET_EXAMPLES = {
 
 class NoFittingOffer(Exception):
     """Nothing can hold the job under the constraints; the message names the nearest miss."""
-
-
-@dataclass(frozen=True)
-class Offer:
-    provider: str  # vast | aws | lambda | ...
-    region: Optional[str]
-    gpu: str  # the market's name
-    gpu_count: int
-    vram_gb: Optional[float]  # per GPU, as the market states it
-    usd_per_hour: float
-    interruptible: bool
-    instance_type: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -158,10 +147,9 @@ def catalog_offers(folder: Optional[Path] = None, clouds: tuple[str, ...] = CATA
 
 def evaluate(offer: Offer, need: JobNeed, rates: Optional[dict[str, float]] = None) -> PlannedOffer:
     """Fit, hours and total $ of the job on one offer."""
-    try:
-        gpu: Optional[GPU] = resolve(offer.gpu)
-    except UnknownGPU:
-        gpu = None
+    if offer.gpu is None:
+        return PlannedOffer(offer, None, None, False, "no NVIDIA GPU")
+    gpu = _gpu_of(offer)
     if gpu is None or not gpu.cuda:
         return PlannedOffer(offer, None, None, False, "not a CUDA GPU the runner supports")
     per_gpu = offer.vram_gb or gpu.vram_gb
@@ -197,8 +185,8 @@ def plan(offers: list[Offer], need: JobNeed, constraints: Constraints,
     c = constraints
     rows = []
     for offer in offers:
-        if c.providers and offer.provider not in c.providers:
-            continue
+        if c.providers and offer.provider not in c.providers and offer.target is None:
+            continue  # (a machine named with --target is always priced)
         if c.gpu is not None and _gpu_of(offer) is not c.gpu:
             continue
         planned = evaluate(offer, need, rates)
@@ -239,6 +227,8 @@ def calibrated_rate(measured: dict[str, float], gpu: GPU) -> Optional[float]:
 
 
 def _gpu_of(offer: Offer) -> Optional[GPU]:
+    if offer.gpu is None:
+        return None
     try:
         return resolve(offer.gpu)
     except UnknownGPU:

@@ -32,16 +32,18 @@ class Need:
 
 @dataclass(frozen=True)
 class Offer:
-    """One priced machine. Units are in the field names."""
+    """One priced machine, from a provider's live search, a price catalog, or your own box.
+    Units are in the field names; vram_gb is per GPU, as the market states it."""
 
-    provider: str
-    target: str  # what --target would say to get this machine
+    provider: str  # local | ssh | vast | aws | lambda | ...
     region: Optional[str] = None
-    gpu: Optional[str] = None
+    gpu: Optional[str] = None  # the market's (or nvidia-smi's) name; None: no GPU
     gpu_count: int = 0
     vram_gb: Optional[float] = None
     usd_per_hour: float = 0.0
     interruptible: bool = False
+    instance_type: Optional[str] = None
+    target: Optional[str] = None  # what --target says to reach it (own boxes)
 
 
 @dataclass(frozen=True)
@@ -81,3 +83,15 @@ class Provider(ABC):
 
     def default_workdir(self) -> str:
         return "~/qlora-launch"
+
+
+def gpu_offer(provider: str, target: str, machine: Machine, usd_per_hour: float) -> Offer:
+    """The offer of a machine we can already reach: its GPUs as its nvidia-smi lists them."""
+    out = machine.run("nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits 2>/dev/null || true",
+                      timeout=60).stdout
+    gpus = [line.rsplit(",", 1) for line in out.strip().splitlines() if "," in line]
+    if not gpus:
+        return Offer(provider=provider, target=target, usd_per_hour=usd_per_hour)
+    name, mib = gpus[0][0].strip(), float(gpus[0][1])
+    return Offer(provider=provider, target=target, gpu=name, gpu_count=len(gpus), vram_gb=round(mib / 1024, 1),
+                 usd_per_hour=usd_per_hour)

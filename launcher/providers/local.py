@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launcher.providers.base import MachineSpec, MachineState, Need, Offer, Provider
+from launcher.providers.base import MachineSpec, MachineState, Need, Offer, Provider, gpu_offer
 from launcher.remote import LocalMachine, Machine
 from launcher.runs import state_dir
 
@@ -11,7 +11,7 @@ class LocalProvider(Provider):
     name = "local"
 
     def offers(self, need: Need, usd_per_hour: float = 0.0) -> list[Offer]:
-        return [Offer(provider="local", target="local", usd_per_hour=usd_per_hour)]
+        return [gpu_offer("local", "local", LocalMachine(), usd_per_hour)]
 
     def provision(self, offer: Offer, spec: MachineSpec) -> Machine:
         return LocalMachine()

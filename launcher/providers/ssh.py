@@ -4,18 +4,24 @@ terminate() leaves the machine running (`launch down` stops the job on it)."""
 
 from __future__ import annotations
 
-from launcher.providers.base import MachineSpec, MachineState, Need, Offer, Provider
+from typing import Optional
+
+from launcher.providers.base import MachineSpec, MachineState, Need, Offer, Provider, gpu_offer
 from launcher.remote import Machine, RemoteError, SSHAddress, SSHMachine, SSHOptions, env_ssh_config
 
 
 class SSHProvider(Provider):
     name = "ssh"
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, spec: Optional[MachineSpec] = None) -> None:
         self.address = SSHAddress.parse(target)  # ValueError with the fix for a malformed target
+        self.spec = spec
 
     def offers(self, need: Need, usd_per_hour: float = 0.0) -> list[Offer]:
-        return [Offer(provider="ssh", target=str(self.address), usd_per_hour=usd_per_hour)]
+        """The box itself, with the GPUs its nvidia-smi lists (needs `spec` to reach it)."""
+        if self.spec is None:
+            return [Offer(provider="ssh", target=str(self.address), usd_per_hour=usd_per_hour)]
+        return [gpu_offer("ssh", str(self.address), self.provision(Offer("ssh"), self.spec), usd_per_hour)]
 
     def provision(self, offer: Offer, spec: MachineSpec) -> Machine:
         machine = self._machine(spec)

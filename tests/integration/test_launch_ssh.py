@@ -217,3 +217,15 @@ def test_preflight_warns_about_examples_longer_than_max_length(launcher: Launche
     assert "1 of 21 examples are longer than data.max_length=64 tokens" in warning
     assert "21 examples" in proc.stdout  # the plan shows the count
     assert launcher.run("attach", launcher.records()[0].id).returncode == 0
+
+
+def test_plan_includes_the_ssh_target_with_what_it_has(launcher: Launcher, sshd):
+    config = tiny_job(launcher.folder / "job.yaml", resources={"providers": None})
+    proc = launcher.run("plan", "--config", str(config), "--target", sshd.target, "--identity",
+                        str(sshd.client_key), "--json")
+    plan = json.loads(proc.stdout)
+    (box,) = [o for o in plan["offers"] if o["provider"] == "ssh"]
+    assert box["gpu"] is None and not box["fits"] and box["why_not"] == "no NVIDIA GPU"  # this sshd's machine
+    assert plan["choice"] is not None and plan["offers"][plan["choice"]]["provider"] in ("vast", "aws", "lambda")
+    refused = launcher.run("plan", "--config", str(config), "--target", f"ssh://{sshd.user}@127.0.0.1:1", "--json")
+    assert refused.returncode == 0 and "left out of the plan" in refused.stderr

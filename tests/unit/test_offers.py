@@ -145,3 +145,22 @@ def test_launch_with_a_gpu_and_no_target_says_what_it_would_rent_and_starts_noth
     from launcher.runs import RunStore
 
     assert not (tmp_path / "runs").exists() and RunStore(tmp_path / "home" / "runs.sqlite").list() == []
+
+
+def test_plan_prices_the_target_with_the_gpus_its_nvidia_smi_lists(tmp_path):
+    """nvidia-smi cannot run here: a stand-in prints what it prints on a 2x A10G box."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf 'NVIDIA A10G, 23028\\nNVIDIA A10G, 23028\\n'\n")
+    fake.chmod(0o755)
+    config = ROOT / "configs" / "llama-3.1-8b-qlora.yaml"
+    env = {"PYTHONPATH": str(ROOT), "PATH": f"{bin_dir}:/usr/bin:/bin", "QLORA_LAUNCH_HOME": str(tmp_path / "home"),
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "launcher", "plan", "--config", str(config), "--target", "local",
+                           "--usd-per-hour", "0.4", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    (local,) = [o for o in plan["offers"] if o["provider"] == "local"]
+    assert (local["gpu"], local["gpu_count"], local["vram_gb"], local["usd_per_hour"]) == ("NVIDIA A10G", 2, 22.5, 0.4)
+    assert local["fits"] and local["est_total_usd"] == pytest.approx((local["est_hours"] + 0.25) * 0.4, rel=1e-3)
