@@ -28,7 +28,8 @@ import yaml
 from launcher import sync
 from launcher.config import LaunchConfig, load as load_config, runner_module
 from launcher.paths import REPO_ROOT, RUNNER_FILE
-from launcher.preflight import EXIT_ENVIRONMENT, EXIT_TARGET, resolve_workdir
+from launcher.errors import EXIT_ENVIRONMENT, EXIT_TARGET
+from launcher.preflight import resolve_workdir
 from launcher.providers import provider_for
 from launcher.providers.base import MachineSpec, Need, Provider
 from launcher.remote import Machine, RemoteError

@@ -20,13 +20,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from launcher.config import LaunchConfig, runner_module
+from launcher.errors import EXIT_DATA, EXIT_ENVIRONMENT, EXIT_MODEL, EXIT_TARGET
 from launcher.remote import Machine, RemoteError, Unreachable
 
-# Exit codes per error class (the runner's where the class is the same).
-EXIT_DATA = 4
-EXIT_MODEL = 5
-EXIT_ENVIRONMENT = 7
-EXIT_TARGET = 8
 
 CHARS_PER_TOKEN = 4.0  # the usual English average; used only when no local tokenizer is at hand
 VENV_GB = 8.0  # torch with CUDA + transformers & co. in a fresh venv
