@@ -272,19 +272,21 @@ def probe(session: Session) -> Probe:
     d = shlex.quote(session.remote_dir)
     # No pid yet means nothing was started (`kill -0 0` would ask about our own process group).
     alive_check = f"kill -0 {session.record.pid} 2>/dev/null" if session.record.pid else "false"
+    # Liveness first, then the exit code: the wrapper writes exit_code before it exits, so a
+    # wrapper seen dead has written it by the time we read it (the other order has a window).
     out = session.machine.run(
-        f"mkdir -p {d} && cd {d} && (cat {EXIT_CODE_FILE} 2>/dev/null || echo none) && echo --- && "
-        f"({alive_check} && echo alive || echo dead) && echo --- && "
+        f"mkdir -p {d} && cd {d} && ({alive_check} && echo alive || echo dead) && echo --- && "
+        f"(cat {EXIT_CODE_FILE} 2>/dev/null || echo none) && echo --- && "
         f"for c in checkpoints/checkpoint-*; do [ -f \"$c/{runner_module().MANIFEST}\" ] && echo \"$c\"; done; "
         f"echo --- && (cat status.json 2>/dev/null || echo '{{}}')", timeout=60).stdout
-    code, alive, checkpoints, status = (part.strip() for part in out.split("---\n", 3))
+    alive, code, checkpoints, status = (part.strip() for part in out.split("---\n", 3))
     steps = sorted(int(line.rsplit("-", 1)[1]) for line in checkpoints.splitlines() if line.strip())
     try:
         status_json = json.loads(status or "{}")
     except ValueError:
         status_json = {}
-    return Probe(exit_code=None if code == "none" else int(code), alive=alive == "alive", complete_steps=steps,
-                 status=status_json)
+    return Probe(exit_code=int(code) if code.lstrip("-").isdigit() else None, alive=alive == "alive",
+                 complete_steps=steps, status=status_json)
 
 
 def follow_run(session: Session, reporter: Reporter) -> Outcome:
