@@ -338,14 +338,15 @@ def follow_run(session: Session, reporter: Reporter) -> Outcome:
     for line in (pulled_metrics.read_text() if pulled_metrics.is_file() else "").splitlines()[lines_shown:]:
         show(line)
     reporter.stopped_following()
-    return finish(session, state["done"], reporter)
+    return finish(session, state["done"], reporter, files_pulled=True)
 
 
-def finish(session: Session, look: Probe, reporter: Reporter) -> Outcome:
-    """The runner has ended: pull everything, plot, record the outcome."""
+def finish(session: Session, look: Probe, reporter: Reporter, files_pulled: bool = False) -> Outcome:
+    """The runner has ended: pull everything (the files once), plot, record the outcome."""
     reporter.phase("pulling results")
     pull_new_checkpoints(session, look.complete_steps, reporter)
-    pull_files(session)
+    if not files_pulled:
+        pull_files(session)
     now = time.time()
     # The runner's last status write is when it ended (we may attach hours later); the
     # target's clock may be off from ours, so it only ever shortens the segment.

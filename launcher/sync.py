@@ -49,10 +49,21 @@ def local_assets(config: LaunchConfig) -> list[Asset]:
     return assets
 
 
+_HASHES: dict[tuple, str] = {}  # (path, names/sizes/mtimes) -> digest: a launch hashes each asset once
+
+
 def content_hash(path: Path) -> str:
-    """sha256 over relative names and bytes (a folder: every file, in sorted order)."""
-    digest = hashlib.sha256()
+    """sha256 over relative names and bytes (a folder: every file, in sorted order). Remembered
+    for this process while no file's size or mtime changes: a 15 GB model folder is read once."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    signature = (str(path), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if signature not in _HASHES:
+        _HASHES[signature] = _sha256(path, files)
+    return _HASHES[signature]
+
+
+def _sha256(path: Path, files: list[Path]) -> str:
+    digest = hashlib.sha256()
     for file in files:
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
         with file.open("rb") as f:

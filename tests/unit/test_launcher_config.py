@@ -65,6 +65,14 @@ def test_content_hash_follows_content_not_time(tmp_path):
     assert content_hash(folder) == first
     (folder / "b.txt").write_text("x")
     assert content_hash(folder) != first
+    # Same size, new bytes: the remembered digest is not reused (the mtime changed).
+    import os
+
+    second = content_hash(folder)
+    (folder / "a.bin").write_bytes(b"WEIGHTS")
+    stat = (folder / "a.bin").stat()
+    os.utime(folder / "a.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert content_hash(folder) != second
 
 
 def test_remote_config_points_at_the_synced_copies(tmp_path):
