@@ -9,29 +9,20 @@ Command-line flags override `resources` (the overrides are validated like the fi
 from __future__ import annotations
 
 import difflib
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from launcher.paths import RUNNER_FILE
-
-
-def runner_module() -> Any:
-    """runner/qlora_runner.py as a module: stdlib-only at import, so this costs milliseconds."""
-    if str(RUNNER_FILE.parent) not in sys.path:
-        sys.path.insert(0, str(RUNNER_FILE.parent))
-    import qlora_runner
-
-    return qlora_runner
+from launcher.errors import EXIT_CONFIG
+from launcher.paths import runner_module
 
 
 class ConfigError(Exception):
     """A config problem; the message names the file, the key path and how to fix it."""
 
-    exit_code = 3  # the runner's EXIT_CONFIG: the same mistake gives the same code on both sides
+    exit_code = EXIT_CONFIG
 
 
 class Resources(BaseModel):

@@ -1,17 +1,21 @@
 """The launcher's exit codes, one per error class (httpie's way), and the errors that are
-only the command line's. Codes 3-7 are the runner's own, so the same mistake gives the same code
-on both sides."""
+only the command line's. Codes 1-7 and 130 are the runner's own, so the same mistake gives the
+same code on both sides."""
 
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 3
-EXIT_DATA = 4
-EXIT_MODEL = 5
-EXIT_OOM = 6
-EXIT_ENVIRONMENT = 7
+from launcher.paths import runner_module
+
+_runner = runner_module()  # the runner's codes are the source: the two sides cannot drift apart
+EXIT_INTERNAL = _runner.EXIT_INTERNAL
+EXIT_USAGE = _runner.EXIT_USAGE
+EXIT_CONFIG = _runner.EXIT_CONFIG
+EXIT_DATA = _runner.EXIT_DATA
+EXIT_MODEL = _runner.EXIT_MODEL
+EXIT_OOM = _runner.EXIT_OOM
+EXIT_ENVIRONMENT = _runner.EXIT_ENVIRONMENT
+EXIT_INTERRUPTED = _runner.EXIT_INTERRUPTED
+# The launcher's own classes.
 EXIT_TARGET = 8
 EXIT_NO_OFFER = 9
-EXIT_INTERRUPTED = 130
 
 
 class UsageError(Exception):

@@ -82,6 +82,16 @@ def test_second_launch_sends_no_data_again(launcher: Launcher, sshd):
         assert launcher.run("attach", record.id).returncode == 0
 
 
+def kill_runner_mid_run(launcher: Launcher, args: list[str], when) -> tuple:
+    """Launch, wait until `when(record)` holds while running, kill -9 the runner (not the
+    launcher), and let the launcher see it: (record, launcher process, its output)."""
+    proc = launcher.start(*args, "--yes")
+    record = launcher.wait_for(lambda r: r.status == "running" and when(r))
+    os.kill(read_json(Path(record.remote_dir) / "status.json")["pid"], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    return record, proc, out
+
+
 @pytest.mark.parametrize("kind", ["ssh", "local"])
 def test_killed_launcher_then_attach_finishes_the_job(launcher: Launcher, sshd, reference_losses, kind):
     config = job(launcher.folder / "job.yaml", launcher.folder / "remote")
@@ -103,11 +113,8 @@ def test_killed_launcher_then_attach_finishes_the_job(launcher: Launcher, sshd, 
 def test_killed_runner_then_resume_gives_the_same_losses(launcher: Launcher, sshd, reference_losses, kind, command):
     """`resume`, and `attach`, which resumes a runner it finds dead."""
     config = job(launcher.folder / "job.yaml", launcher.folder / "remote")
-    proc = launcher.start("--config", str(config), *target_args(kind, sshd), "--yes")
-    record = launcher.wait_for(lambda r: r.status == "running" and runner_step(r.remote_dir) >= 25)
-    runner_pid = read_json(Path(record.remote_dir) / "status.json")["pid"]
-    os.kill(runner_pid, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=120)
+    record, proc, out = kill_runner_mid_run(launcher, ["--config", str(config), *target_args(kind, sshd)],
+                                            lambda r: runner_step(r.remote_dir) >= 25)
     assert proc.returncode == 137, out[-3000:]
     record = launcher.records()[0]
     assert record.status == "interrupted" and "launch resume" in record.error
@@ -121,10 +128,8 @@ def test_killed_runner_then_resume_gives_the_same_losses(launcher: Launcher, ssh
 
 def test_resume_puts_back_the_checkpoint_a_wiped_target_lost(launcher: Launcher, sshd, reference_losses):
     config = job(launcher.folder / "job.yaml", launcher.folder / "remote")
-    proc = launcher.start("--config", str(config), *ssh_args(sshd), "--yes")
-    record = launcher.wait_for(lambda r: r.status == "running" and (r.pulled_step or 0) >= 20)
-    os.kill(read_json(Path(record.remote_dir) / "status.json")["pid"], signal.SIGKILL)
-    proc.communicate(timeout=120)
+    record, _, _ = kill_runner_mid_run(launcher, ["--config", str(config), *ssh_args(sshd)],
+                                       lambda r: (r.pulled_step or 0) >= 20)
     pulled = launcher.records()[0].pulled_step
     # The target loses the whole run folder (a new disk, a wiped box): only our copy is left.
     import shutil
