@@ -32,7 +32,7 @@ from launcher.paths import DEFAULT_CONFIG
 from launcher.preflight import (
     PreflightReport, check_data, check_model, check_target, check_tools, needed_disk_gb,
 )
-from launcher.cli_plan import add_plan_arguments, cmd_plan, rented_target_not_yet
+from launcher.cli_plan import add_market_arguments, add_plan_arguments, cmd_plan, plan_rental, render_offers
 from launcher.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TARGET, EXIT_USAGE, UsageError
 from launcher.progress import RichReporter
 from launcher.remote import RemoteError
@@ -53,6 +53,9 @@ def launch_parser() -> argparse.ArgumentParser:
                         help="local (default), ssh://user@host[:port], user@host, or an ~/.ssh/config alias")
     parser.add_argument("--gpu", default=None,
                         help="rent the cheapest whole job on this GPU, e.g. A10G or A10G:2 (see `launch plan`)")
+    add_market_arguments(parser)
+    parser.add_argument("--no-recover", action="store_true",
+                        help="a preempted rented machine ends the run (resumable) instead of moving to the next offer")
     parser.add_argument("--identity", default=None, help="SSH private key for the target (resources.ssh_identity)")
     parser.add_argument("--python", default=None,
                         help="an interpreter on the target that has the runner's packages (skips the venv)")
@@ -79,7 +82,12 @@ def command_parser(command: str) -> argparse.ArgumentParser:
     if command == "plan":
         add_plan_arguments(parser)
         return parser
-    if command != "runs":
+    if command == "down":
+        parser.add_argument("run", nargs="?", help="run id (see `launch runs`)")
+        parser.add_argument("--all", action="store_true",
+                            help="every Vast.ai instance labelled by us, known to the run records or not")
+        parser.add_argument("--yes", "-y", action="store_true", help="do not ask before destroying")
+    elif command != "runs":
         parser.add_argument("run", help="run id (see `launch runs`)")
     if command in ("runs", "status", "pull"):
         parser.add_argument("--json", action="store_true", help="print JSON")
@@ -138,11 +146,14 @@ def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, erro
     if args.config is None and not args.json:
         console.print(f"No --config given: running the embedded default, [bold]{config_path}[/]")
     overrides = {"target": args.target, "ssh_identity": args.identity, "python": args.python,
-                 "usd_per_hour": args.usd_per_hour}
+                 "usd_per_hour": args.usd_per_hour, "recover": False if args.no_recover else None}
     config = load_config(config_path, overrides)
-    if config.resources.target is None and (args.gpu or config.resources.gpu):
-        return rented_target_not_yet(config, args, store, errors)
-    target = config.resources.target or "local"
+    rental = None
+    if config.resources.target is None and wants_a_rented_machine(config, args):
+        rental = plan_rental(config, args, store, errors)
+        if isinstance(rental, int):
+            return rental
+    target = "vast" if rental else config.resources.target or "local"
     session = _create_session(config, target, args, store)
     report = preflight(config, session)
     for finding in report.findings:
@@ -157,7 +168,16 @@ def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, erro
         return report.exit_code
     if report.gpus:
         session.update(gpu=_gpu_summary(report.gpus))
-    if not args.json:
+    if rental:
+        from launcher.renting import save_plan
+
+        candidates, rows, constraints, need = rental
+        save_plan(session.run_dir, constraints)
+        if not args.json:
+            render_offers(console, rows, 0, need, 5)
+            console.print(f"run {session.record.id}: renting the first of these that comes up "
+                          f"({config.resources.vast.max_offers_tried} tried at most); results in {session.run_dir}")
+    elif not args.json:
         render_plan(console, config, session.record, report)
     # The embedded demo (no --config) costs nothing and is what a first `launch` is for: no question.
     ask = not args.yes and args.config is not None and sys.stdin.isatty()
@@ -166,11 +186,22 @@ def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, erro
         return 0
     reporter = RichReporter(console, quiet=args.json)
     try:
-        outcome = job.launch(session, config, reporter, detach=args.detach)
+        outcome = job.launch(session, config, reporter, detach=args.detach,
+                             candidates=rental[0] if rental else None)
     except KeyboardInterrupt:
         reporter.stopped_following()
         return _interrupted(errors, store, session.record.id)
-    return _report_outcome(console, outcome, args.json)
+    return _report_outcome(console, outcome, args.json, store)
+
+
+def wants_a_rented_machine(config: LaunchConfig, args: argparse.Namespace) -> bool:
+    """No target named: rent when a GPU, a provider or a market is asked for, or when the job
+    trains on a GPU; a CPU job without any of these, or `providers: [local]`, runs here."""
+    r = config.resources
+    named = [p.strip() for p in args.providers.split(",")] if args.providers else list(r.providers or [])
+    if named and set(named) <= {"local"}:  # providers: [local] (the tiny config) means this machine
+        return False
+    return bool(args.gpu or r.gpu or named or args.spot or args.on_demand or config.job.train.device != "cpu")
 
 
 def _create_session(config: LaunchConfig, target: str, args: argparse.Namespace, store: RunStore) -> job.Session:
@@ -185,7 +216,7 @@ def preflight(config: LaunchConfig, session: job.Session) -> PreflightReport:
     check_tools(report, needs_ssh=session.provider.name != "local")
     check_data(report, config)
     check_model(report, config)
-    if not report.errors:  # touch the target only when everything here is right
+    if not report.errors and not session.provider.owns_machines:  # touch the target only when all is right here
         workdir = config.resources.workdir or session.provider.default_workdir()
         need = needed_disk_gb(config, assets_bytes(local_assets(config)), has_python=bool(config.resources.python)
                               or session.provider.name == "local")
@@ -231,30 +262,50 @@ def _interrupted(errors: Console, store: RunStore, run_id: str) -> int:
     return EXIT_INTERRUPTED
 
 
-def _report_outcome(console: Console, outcome: job.Outcome, as_json: bool) -> int:
+def _report_outcome(console: Console, outcome: job.Outcome, as_json: bool, store: RunStore) -> int:
+    from launcher.renting import machines_json, spent
+
+    machines = machines_json(store, outcome.record.id)
+    rented = spent(store, outcome.record.id)
     if as_json:
         console.print_json(json.dumps({"run": asdict(outcome.record), "detached": outcome.detached,
-                                       "evaluation": outcome.evaluation}))
+                                       "evaluation": outcome.evaluation, "machines": machines,
+                                       "spent_usd": rented if rented is not None else _own_box_usd(outcome.record)}))
         return outcome.exit_code
     if outcome.detached:
         console.print(f"started run [bold]{outcome.record.id}[/] on {outcome.record.target}, detached: "
                       f"`launch attach {outcome.record.id}` follows it, `launch logs {outcome.record.id} -f` "
                       "shows its log")
         return 0
-    render_summary(console, outcome)
+    render_summary(console, outcome, machines, rented)
     return outcome.exit_code
 
 
-def render_summary(console: Console, outcome: job.Outcome) -> None:
+def _own_box_usd(record: RunRecord) -> float:
+    return (record.usd_per_hour or 0) * (record.elapsed_s or 0) / 3600
+
+
+def render_summary(console: Console, outcome: job.Outcome, machines: list[dict[str, Any]],
+                   rented_usd: Optional[float]) -> None:
     record = outcome.record
+    spent = rented_usd if rented_usd is not None else _own_box_usd(record)
     console.rule("summary")
     colour = "green" if record.status == "done" else "red"
     console.print(f"run: {record.id}  target: {record.target}  folder: {outcome.run_dir}")
     console.print(f"status: [{colour}]{record.status}[/] (exit code {record.exit_code})  "
                   f"steps: {record.step}/{record.total_steps}  time: {_duration(record.elapsed_s)}  "
-                  f"spent: ${(record.usd_per_hour or 0) * (record.elapsed_s or 0) / 3600:.2f}")
+                  f"spent: ${spent:.4f}")
     if record.error:
         console.print(f"error: {record.error}", highlight=False)
+    if machines:
+        table = Table(title="machines")
+        for column in ("machine", "GPU", "region", "$/h", "time", "$", "ended"):
+            table.add_column(column, justify="right" if column in ("$/h", "time", "$") else "left")
+        for m in machines:
+            table.add_row(m["target"], m["gpu"] or "-", m["region"] or "-", f"{m['usd_per_hour']:.3f}",
+                          _duration(m["seconds"]), f"{m['usd']:.4f}", m["end_reason"] or "running")
+        table.add_row("total", "", "", "", _duration(sum(m["seconds"] for m in machines)), f"{spent:.4f}", "")
+        console.print(table)
     metrics = job.read_metrics(outcome.run_dir)
     final_train = next((m["loss"] for m in reversed(metrics) if m.get("event") == "train"), None)
     final_eval = next((m["eval_loss"] for m in reversed(metrics) if m.get("event") == "eval"), None)
@@ -376,14 +427,14 @@ def cmd_resume(args: argparse.Namespace, store: RunStore, console: Console, erro
 
 
 def _drive(action: Any, args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
-    session = job.open_session(store, args.run)
     reporter = RichReporter(console)
+    session = job.open_session(store, args.run, log=reporter.warn)
     try:
         outcome = action(session, reporter)
     except KeyboardInterrupt:
         reporter.stopped_following()
         return _interrupted(errors, store, session.record.id)
-    return _report_outcome(console, outcome, False)
+    return _report_outcome(console, outcome, False, store)
 
 
 def cmd_pull(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
@@ -398,11 +449,62 @@ def cmd_pull(args: argparse.Namespace, store: RunStore, console: Console, errors
 
 
 def cmd_down(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
-    session = job.open_session(store, args.run)
-    record = job.down(session, RichReporter(console))
+    if args.all:
+        return cmd_down_all(args, store, console, errors)
+    if not args.run:
+        raise UsageError("which run? `launch down RUN` (see `launch runs`), or `launch down --all`")
+    reporter = RichReporter(console)
+    session = job.open_session(store, args.run, log=reporter.warn)
+    record = job.down(session, reporter)
     console.print(f"run {record.id}: {record.status}; files in {record.run_dir}"
                   + (f"; `launch resume {record.id}` continues it" if record.status == "stopped" else ""))
     return 0
+
+
+def cmd_down_all(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
+    """Every Vast.ai instance with our label, including ones no run record here knows (another
+    laptop, a lost state directory): runs known here are stopped with their results pulled;
+    the others are destroyed. A reply we cannot read is an error, never "nothing to do"."""
+    from launcher.providers.vast import VastProvider, instance_id_of
+    from launcher.providers.vast_api import VastError
+
+    reporter = RichReporter(console)
+    provider = VastProvider(log=reporter.warn)
+    try:
+        found = provider.labelled_instances()
+    except VastError as e:
+        raise job.JobError(f"{e}; nothing was destroyed, try again", EXIT_TARGET) from None
+    if not found:
+        console.print("no Vast.ai instance carries a qlora-launch label")
+        return 0
+    runs = {r.target: r for r in store.list(limit=1_000_000)}
+    table = Table(title="Vast.ai instances labelled by qlora-launch")
+    for column in ("instance", "label", "status", "$/h", "run here"):
+        table.add_column(column)
+    for row in found:
+        known = runs.get(f"vast:{row['id']}")
+        table.add_row(str(row["id"]), str(row.get("label")), str(row.get("actual_status")),
+                      f"{float(row.get('dph_total') or 0):.3f}", f"{known.id} ({known.status})" if known else "unknown")
+    console.print(table)
+    if not args.yes and sys.stdin.isatty() and not Confirm.ask(f"Destroy these {len(found)}?", console=console,
+                                                               default=False):
+        return 0
+    failed = 0
+    for row in found:
+        target = f"vast:{row['id']}"
+        known = runs.get(target)
+        try:
+            if known and known.status in ("starting", "running") and known.remote_dir:
+                job.down(job.open_session(store, known.id, log=reporter.warn), reporter)  # results pulled first
+            else:
+                provider.destroy(instance_id_of(target))
+                if known:
+                    store.end_machine(known.id, target, "stopped")
+            console.print(f"{target}: destroyed" + (f" (run {known.id})" if known else " (unknown to the run records)"))
+        except (job.JobError, VastError, RemoteError, Exception) as e:  # noqa: BLE001  (the next one still goes)
+            failed += 1
+            errors.print(f"[red]error:[/] {target}: {e}", highlight=False)
+    return EXIT_TARGET if failed else 0
 
 
 COMMAND_FUNCTIONS = {"plan": cmd_plan, "runs": cmd_runs, "status": cmd_status, "logs": cmd_logs, "attach": cmd_attach,

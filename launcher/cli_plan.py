@@ -20,15 +20,20 @@ from launcher.remote import RemoteError
 from launcher.runs import RunStore
 
 
+def add_market_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where and how to rent, for `launch plan` and `launch` (each overrides its resources.* key)."""
+    parser.add_argument("--providers", default=None, help="comma-separated, e.g. vast,aws (resources.providers)")
+    market = parser.add_mutually_exclusive_group()
+    market.add_argument("--spot", action="store_true", help="interruptible offers only (resources.interruptible)")
+    market.add_argument("--on-demand", action="store_true", help="on-demand offers only")
+    parser.add_argument("--max-price", type=float, default=None, help="USD per hour cap (resources.max_price)")
+    parser.add_argument("--max-total", type=float, default=None, help="USD cap for the whole job")
+
+
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="job YAML")
     parser.add_argument("--gpu", default=None, help="only this GPU, e.g. A10G or A10G:2")
-    parser.add_argument("--providers", default=None, help="comma-separated, e.g. vast,aws")
-    market = parser.add_mutually_exclusive_group()
-    market.add_argument("--spot", action="store_true", help="interruptible offers only")
-    market.add_argument("--on-demand", action="store_true", help="on-demand offers only")
-    parser.add_argument("--max-price", type=float, default=None, help="USD per hour cap")
-    parser.add_argument("--max-total", type=float, default=None, help="USD cap for the whole job")
+    add_market_arguments(parser)
     parser.add_argument("--target", default=None,
                         help="also price this machine (local, ssh://user@host[:port], an ssh config alias)")
     parser.add_argument("--identity", default=None, help="SSH private key for --target")
@@ -45,7 +50,7 @@ def cmd_plan(args: argparse.Namespace, store: RunStore, console: Console, errors
     made = make_plan(config, args, store, errors)
     if isinstance(made, int):
         return made
-    rows, choice, need = made
+    rows, choice, need, _ = made
     if args.json:
         console.print_json(json.dumps(offers.plan_json(rows, choice, need)))
     else:
@@ -56,10 +61,12 @@ def cmd_plan(args: argparse.Namespace, store: RunStore, console: Console, errors
     return 0
 
 
-def make_plan(config: LaunchConfig, args: argparse.Namespace, store: RunStore, errors: Console) -> Any:
-    """(rows, choice, need) for `launch plan` and `launch --gpu`, or an exit code after printing
-    the data errors."""
+def make_plan(config: LaunchConfig, args: argparse.Namespace, store: RunStore, errors: Console,
+              renting: bool = False) -> Any:
+    """(rows, choice, need, constraints) for `launch plan` and for `launch` without a target
+    (`renting`: only offers we can rent), or an exit code after printing the data errors."""
     from launcher import offers
+    from launcher.renting import RENTABLE, market
     from launcher.estimate import UnknownModel
     from launcher.gpus import UnknownGPU, parse_request
 
@@ -80,16 +87,20 @@ def make_plan(config: LaunchConfig, args: argparse.Namespace, store: RunStore, e
     providers_text = getattr(args, "providers", None)
     providers = (tuple(p.strip() for p in providers_text.split(",")) if providers_text
                  else tuple(config.resources.providers) if config.resources.providers else None)
+    if renting:
+        # Only where we can rent; asked for none of those: plan them anyway, to say so.
+        providers = tuple(p for p in (providers or RENTABLE) if p in RENTABLE) or providers
     spot, on_demand = getattr(args, "spot", False), getattr(args, "on_demand", False)
     max_price, max_total = getattr(args, "max_price", None), getattr(args, "max_total", None)
     constraints = offers.Constraints(
         gpu=gpu, gpu_count=count if gpu_text and ":" in gpu_text else None, providers=providers,
-        interruptible=True if spot else False if on_demand else None,
+        interruptible=True if spot else False if on_demand else config.resources.interruptible,
         max_usd_per_hour=max_price if max_price is not None else config.resources.max_price,
         max_total_usd=max_total if max_total is not None else config.resources.max_total_usd)
-    market = offers.catalog_offers() + target_offers(config, args, errors)
-    rows, choice = offers.plan(market, need, constraints, store.measured_rates(config.job.model.base))
-    return rows, choice, need
+    warn = lambda text: errors.print(f"[yellow]warning:[/] {text}", highlight=False)  # noqa: E731
+    found = market(config, need, constraints, warn) + ([] if renting else target_offers(config, args, errors))
+    rows, choice = offers.plan(found, need, constraints, store.measured_rates(config.job.model.base))
+    return rows, choice, need, constraints
 
 
 def target_offers(config: LaunchConfig, args: argparse.Namespace, errors: Console) -> list:
@@ -116,25 +127,36 @@ def target_offers(config: LaunchConfig, args: argparse.Namespace, errors: Consol
         return []
 
 
-def rented_target_not_yet(config: LaunchConfig, args: argparse.Namespace, store: RunStore, errors: Console) -> int:
-    """A GPU asked for and no --target: the plan says what we would rent. Renting itself comes
-    with the Vast.ai and SkyPilot providers; until then say so, before anything is spent."""
-    from launcher import offers
+def plan_rental(config: LaunchConfig, args: argparse.Namespace, store: RunStore, errors: Console) -> Any:
+    """No --target: the plan, and the offers `launch` may rent (fitting, on a provider we can rent
+    on, cheapest whole job first). Returns (candidates, rows, constraints, need), or an exit code after
+    saying why nothing can be rented, before anything is spent."""
+    from launcher import offers, renting
 
-    made = make_plan(config, args, store, errors)
+    made = make_plan(config, args, store, errors, renting=True)
     if isinstance(made, int):
         return made
-    rows, choice, need = made
+    rows, choice, need, constraints = made
+    if not rows:  # nothing where we can rent: what the whole market offers says what to do
+        everywhere = make_plan(config, args, store, errors)
+        if not isinstance(everywhere, int):
+            rows, choice, need, constraints = everywhere
     if choice is None:
         errors.print(f"[red]error:[/] {offers.no_fit_message(rows, need)}", highlight=False)
         return EXIT_NO_OFFER
-    o, best = rows[choice].offer, rows[choice]
-    errors.print(f"[red]error:[/] the plan picks {o.gpu_count}x {o.gpu} on {o.provider} "
-                 f"({'spot' if o.interruptible else 'on-demand'}, ${o.usd_per_hour:.3f}/h, est. "
-                 f"${best.est_total_usd:.2f} in all), but renting on {o.provider} is not built yet; "
-                 "`launch plan` lists the offers; to train now pass --target ssh://you@your-gpu-box (or local)",
-                 highlight=False)
-    return EXIT_USAGE
+    candidates = [p.offer for p in rows if p.fits and p.offer.offer_id is not None]
+    if not candidates:
+        best = rows[choice]
+        o = best.offer
+        how = ("set VAST_API_KEY (or `vastai set api-key`) for live Vast.ai offers"
+               if o.provider == "vast" or not renting.vast_is_configured() else "try --providers vast")
+        errors.print(f"[red]error:[/] the plan picks {o.gpu_count}x {o.gpu} on {o.provider} "
+                     f"({'spot' if o.interruptible else 'on-demand'}, ${o.usd_per_hour:.3f}/h, est. "
+                     f"${best.est_total_usd:.2f} in all), but it cannot be rented from here: renting works on "
+                     f"{', '.join(renting.RENTABLE)} so far ({how}); to train now pass --target "
+                     "ssh://you@your-gpu-box (or local)", highlight=False)
+        return EXIT_USAGE
+    return candidates, rows, constraints, need
 
 
 def render_offers(console: Console, rows: list, choice: Optional[int], need: Any, limit: int) -> None:

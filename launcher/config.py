@@ -25,6 +25,25 @@ class ConfigError(Exception):
     exit_code = EXIT_CONFIG
 
 
+class VastSettings(BaseModel):
+    """resources.vast: what a Vast.ai machine must be worth renting, and how long to wait for one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = "pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime"  # python3 + CUDA; the venv brings our torch
+    verified_only: bool = True  # hosts Vast has verified
+    min_reliability: float = Field(0.90, ge=0, le=1)
+    direct_port: bool = True  # a direct SSH port (the proxy is slower and drops long transfers)
+    min_cuda: float = Field(12.8, gt=0)  # the newest CUDA the host driver supports; our torch wheels need 12.8
+    min_inet_down_mbps: float = Field(100.0, ge=0)  # model and pip downloads
+    disk_gb: float = Field(60.0, gt=0)  # the instance's disk (venv ~8 GB, model, checkpoints)
+    pull_stall_s: float = Field(600.0, gt=0)  # image pull with no progress this long: next offer
+    boot_timeout_s: float = Field(1800.0, gt=0)  # not running after this long even with progress: next offer
+    ssh_timeout_s: float = Field(300.0, gt=0)  # running but SSH silent this long: next offer
+    max_offers_tried: int = Field(3, ge=1)  # offers tried per launch or recovery before giving up
+    watchdog_idle_minutes: float = Field(30.0, gt=0)  # no job and no launcher this long: the instance stops itself
+
+
 class Resources(BaseModel):
     """Where and on what the job runs. Flags such as --target and --gpu override these."""
 
@@ -36,12 +55,14 @@ class Resources(BaseModel):
     max_price: Optional[float] = Field(None, gt=0)  # USD per hour
     max_total_usd: Optional[float] = Field(None, gt=0)
     providers: Optional[list[str]] = None
-    interruptible: bool = False
+    interruptible: Optional[bool] = None  # None: either market; true: spot only; false: on-demand only
     disk_gb: Optional[float] = Field(None, gt=0)  # free disk the target must have; default: estimated
     usd_per_hour: float = Field(0.0, ge=0)  # what your own box costs you; 0 for local and own boxes
     python: Optional[str] = None  # an interpreter on the target that already has the runner's packages
     workdir: Optional[str] = None  # the launcher's folder on the target; default ~/qlora-launch
     ssh_identity: Optional[str] = None  # private key for the ssh target; default: ssh's own choice
+    recover: bool = True  # a preempted or vanished rented machine: resume on the next offer (--no-recover)
+    vast: VastSettings = VastSettings()
 
 
 class Storage(BaseModel):

@@ -10,6 +10,7 @@ cli.py renders; this module does, and talks to the user only through a Reporter.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,7 +32,8 @@ from launcher.paths import REPO_ROOT, RUNNER_FILE
 from launcher.errors import EXIT_ENVIRONMENT, EXIT_TARGET
 from launcher.preflight import resolve_workdir
 from launcher.providers import provider_for
-from launcher.providers.base import MachineSpec, Need, Provider
+from launcher.providers.base import MachineSpec, Need, Offer, Provider, ProviderError
+from launcher.providers.vast_api import VastError
 from launcher.remote import Machine, RemoteError
 from launcher.runs import RESUMABLE, RunRecord, RunStore, state_dir
 
@@ -47,12 +49,24 @@ BOOTSTRAP_FILES = (REPO_ROOT / "cluster_templates" / "bootstrap.sh", REPO_ROOT /
 RESUMABLE_EXIT_CODES = (130, 137, 143)
 
 
+LOST_STATES = ("preempted", "gone", "stopped")  # a rented machine in these no longer runs the job
+SEEN_FILE = ".launcher-seen"  # in the workdir, touched at every look: the instance watchdog reads it
+
+
 class JobError(Exception):
     """A lifecycle step failed; the message says what to do. exit_code classifies it."""
 
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class MachineLost(Exception):
+    """The rented machine under a run was preempted, stopped or vanished (its provider says so)."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(state)
+        self.state = state
 
 
 class Reporter(Protocol):
@@ -109,7 +123,11 @@ class Session:
         return self.record
 
     def spent_usd(self, now: Optional[float] = None) -> float:
-        return (self.record.usd_per_hour or 0.0) * self.elapsed_s(now) / 3600
+        """Rented machines: their $/h over their lifetimes. Own boxes: $/h over runner time."""
+        from launcher.renting import spent
+
+        rented = spent(self.store, self.record.id, now)
+        return rented if rented is not None else (self.record.usd_per_hour or 0.0) * self.elapsed_s(now) / 3600
 
     def elapsed_s(self, now: Optional[float] = None) -> float:
         running = (now or time.time()) - self.record.started_at if self.record.started_at else 0.0
@@ -126,10 +144,14 @@ def machine_spec(run_id: str, identity: Optional[str]) -> MachineSpec:
                        identity=Path(identity).expanduser() if identity else None)
 
 
-def open_session(store: RunStore, run_id: str) -> Session:
+def open_session(store: RunStore, run_id: str, log: Any = None) -> Session:
     """Find a recorded run's machine again (after the launcher died, on another day)."""
     record = store.get(run_id)
-    provider = provider_for(record.target)
+    try:
+        resources = load_config(Path(record.run_dir) / LOCAL_CONFIG).resources
+    except Exception:  # noqa: BLE001  (a moved data file must not keep a run from being reached)
+        resources = None
+    provider = provider_for(record.target, resources, log=log or (lambda text: None))
     machine = provider.reconnect(record.target, machine_spec(record.id, record.identity))
     return Session(store, record, provider, machine)
 
@@ -141,7 +163,7 @@ def open_session(store: RunStore, run_id: str) -> Session:
 
 def create_run(config: LaunchConfig, target: str, runs_dir: Path, store: RunStore) -> Session:
     """The run record and the local run folder, before anything is touched on the target."""
-    provider = provider_for(target)
+    provider = provider_for(target, config.resources)
     run_id = new_run_id(config.path)
     run_dir = runs_dir.resolve() / run_id
     run_dir.mkdir(parents=True)
@@ -155,31 +177,117 @@ def create_run(config: LaunchConfig, target: str, runs_dir: Path, store: RunStor
     return Session(store, record, provider, machine)
 
 
-def launch(session: Session, config: LaunchConfig, reporter: Reporter, *, detach: bool = False) -> Outcome:
-    """Provision, bootstrap, sync, start the runner detached, then follow it to the end (or
-    return at once with `detach`). A failure before the runner starts marks the run failed."""
+def launch(session: Session, config: LaunchConfig, reporter: Reporter, *, detach: bool = False,
+           candidates: Optional[list[Offer]] = None) -> Outcome:
+    """Provision (rent the first of `candidates` that comes up, for a rented target), bootstrap,
+    sync, start the runner detached, then follow it to the end (or return at once with
+    `detach`). A failure before the runner starts marks the run failed and releases a rented
+    machine: nothing is left billing."""
     try:
-        reporter.phase(f"connecting to {session.record.target}")
-        offer = session.provider.offers(Need(), config.resources.usd_per_hour)[0]
-        session.machine = session.provider.provision(offer, machine_spec(session.record.id, session.record.identity))
+        if session.provider.owns_machines:
+            rent_machine(session, candidates or [], reporter)
+        else:
+            reporter.phase(f"connecting to {session.record.target}")
+            offer = session.provider.offers(Need(), config.resources.usd_per_hour)[0]
+            session.machine = session.provider.provision(offer, machine_spec(session.record.id, session.record.identity))
         workdir = resolve_workdir(session.machine, config.resources.workdir or session.provider.default_workdir())
         session.update(status="starting", remote_dir=f"{workdir}/runs/{session.record.id}")
         start_runner(session, config, workdir, reporter, resume=False)
     except KeyboardInterrupt:
         if session.record.status != "running":  # started already: the record says so, leave it
+            release(session, "interrupted", reporter)
             session.update(status="interrupted", error="Ctrl-C before the runner started; nothing is running",
                            ended_at=time.time())
         raise
-    except (RemoteError, JobError) as e:
+    except (RemoteError, JobError, ProviderError) as e:
+        release(session, "failed", reporter)
         session.update(status="failed", error=str(e), ended_at=time.time(),
                        exit_code=getattr(e, "exit_code", EXIT_TARGET))
         raise JobError(str(e), getattr(e, "exit_code", EXIT_TARGET)) from None
     except Exception as e:
+        release(session, "failed", reporter)
         session.update(status="failed", error=f"{type(e).__name__}: {e}", ended_at=time.time())
         raise
     if detach:
         return Outcome(session.record, session.run_dir, detached=True)
-    return follow_run(session, reporter)
+    return drive(session, reporter)
+
+
+def rent_machine(session: Session, candidates: list[Offer], reporter: Reporter) -> None:
+    """Rent the first candidate that comes up; the run record then names the instance."""
+    from launcher import renting
+
+    try:
+        machine, offer = renting.rent(session.store, session.record.id, session.run_dir, session.provider,
+                                      candidates, machine_spec(session.record.id, session.record.identity),
+                                      reporter.phase, reporter.warn)
+    except (renting.NothingRented, VastError) as e:
+        raise JobError(str(e), EXIT_TARGET) from None
+    session.machine = machine
+    gpu = f"{offer.gpu_count}x {offer.gpu}" if offer.gpu_count > 1 else offer.gpu
+    session.update(target=machine.name, gpu=gpu, usd_per_hour=getattr(machine, "usd_per_hour", None)
+                   or offer.usd_per_hour)
+
+
+def release(session: Session, reason: str, reporter: Reporter) -> None:
+    """Stop paying for a rented machine (destroy it) and close its record; own boxes: nothing."""
+    if not session.provider.owns_machines or session.record.target in ("vast",):
+        return
+    session.store.end_machine(session.record.id, session.record.target, reason)
+    try:
+        session.provider.terminate(session.machine)
+    except (ProviderError, VastError) as e:
+        reporter.warn(str(e))
+
+
+def drive(session: Session, reporter: Reporter) -> Outcome:
+    """Follow the run to its end; a rented machine lost under it (preempted, gone) is replaced
+    by the next offer and the run resumed there, unless resources.recover is false. At the end
+    the rented machine is released (results are pulled by then)."""
+    while True:
+        try:
+            outcome = follow_run(session, reporter)
+        except MachineLost as lost:
+            if not recover(session, lost.state, reporter):
+                return Outcome(session.record, session.run_dir)
+            continue
+        release(session, outcome.record.status, reporter)
+        return outcome
+
+
+def recover(session: Session, state: str, reporter: Reporter, *, force: bool = False) -> bool:
+    """The machine was lost: record when, destroy what is left of it (Vast bills a stopped
+    instance's disk), then (resources.recover) rent the next offer and resume there from the
+    newest checkpoint pulled here. False: the run is left preempted, resumable."""
+    from launcher import renting
+
+    now = time.time()
+    lost = session.record.target
+    session.store.end_machine(session.record.id, lost, state, now)
+    reporter.warn(f"{lost} was {state} at step {session.record.step}; the newest checkpoint here is "
+                  f"checkpoint-{session.record.pulled_step}")
+    try:
+        session.provider.terminate(session.machine)
+    except (ProviderError, VastError) as e:
+        reporter.warn(str(e))
+    session.update(status="preempted", elapsed_s=session.elapsed_s(now), started_at=None, ended_at=now,
+                   error=f"{lost} was {state}; `launch resume {session.record.id}` continues on the next offer")
+    config = load_config(session.run_dir / LOCAL_CONFIG)
+    if not (config.resources.recover or force):
+        return False
+    reporter.phase("renting the next offer to resume on")
+    candidates = renting.next_candidates(config, session.run_dir, reporter.warn)
+    rent_machine(session, candidates, reporter)
+    try:
+        workdir = resolve_workdir(session.machine, config.resources.workdir or session.provider.default_workdir())
+        session.update(status="starting", remote_dir=f"{workdir}/runs/{session.record.id}")
+        start_runner(session, config, workdir, reporter, resume=True)
+    except (RemoteError, JobError) as e:
+        release(session, "failed", reporter)
+        session.update(status="failed", error=str(e), ended_at=time.time(),
+                       exit_code=getattr(e, "exit_code", EXIT_TARGET))
+        raise JobError(str(e), getattr(e, "exit_code", EXIT_TARGET)) from None
+    return True
 
 
 def start_runner(session: Session, config: LaunchConfig, workdir: str, reporter: Reporter, *, resume: bool) -> None:
@@ -274,8 +382,9 @@ def probe(session: Session) -> Probe:
     alive_check = f"kill -0 {session.record.pid} 2>/dev/null" if session.record.pid else "false"
     # Liveness first, then the exit code: the wrapper writes exit_code before it exits, so a
     # wrapper seen dead has written it by the time we read it (the other order has a window).
+    # Touching the workdir's SEEN_FILE tells a rented instance's watchdog the launcher is about.
     out = session.machine.run(
-        f"mkdir -p {d} && cd {d} && ({alive_check} && echo alive || echo dead) && echo --- && "
+        f"mkdir -p {d} && cd {d} && touch ../../{SEEN_FILE} && ({alive_check} && echo alive || echo dead) && echo --- && "
         f"(cat {EXIT_CODE_FILE} 2>/dev/null || echo none) && echo --- && "
         f"for c in checkpoints/checkpoint-*; do [ -f \"$c/{runner_module().MANIFEST}\" ] && echo \"$c\"; done; "
         f"echo --- && (cat status.json 2>/dev/null || echo '{{}}')", timeout=60).stdout
@@ -300,6 +409,10 @@ def follow_run(session: Session, reporter: Reporter) -> Outcome:
         try:
             look = probe(session)
         except RemoteError as e:
+            if session.provider.owns_machines:
+                machine_state = session.provider.state(session.machine)
+                if machine_state in LOST_STATES:
+                    raise MachineLost(machine_state) from None
             if not state["warned"]:
                 reporter.warn(f"lost contact with {session.machine.name} ({e}); retrying")
                 state["warned"] = True
@@ -313,6 +426,12 @@ def follow_run(session: Session, reporter: Reporter) -> Outcome:
             session.update(step=look.status.get("step"), total_steps=state["total"])
         pull_new_checkpoints(session, look.complete_steps, reporter)
         if look.exit_code is not None or not look.alive:
+            if session.provider.owns_machines and look.exit_code != 0:
+                # Killed as its machine went down (we may look in during the shutdown): the
+                # provider tells a lost machine from a runner that died on a healthy one.
+                machine_state = session.provider.state(session.machine)
+                if machine_state in LOST_STATES:
+                    raise MachineLost(machine_state)
             state["done"] = look
 
     def show(line: str) -> None:
@@ -325,13 +444,19 @@ def follow_run(session: Session, reporter: Reporter) -> Outcome:
 
     metrics_path = f"{session.remote_dir}/metrics.jsonl"
     lines_shown = 0
-    for line in session.machine.follow(metrics_path, stop=lambda: state["done"] is not None):
-        if line:
-            lines_shown += 1
-            show(line)
-        if time.monotonic() - state["last_poll"] >= POLL_S:
-            state["last_poll"] = time.monotonic()
-            poll()
+    stream = session.machine.follow(metrics_path, stop=lambda: state["done"] is not None)
+    # The stream starts at the file's first line: mirror it here as it comes, so a machine
+    # lost mid-run leaves the run's history on this side (a resume elsewhere pushes it back).
+    mirror = (session.run_dir / "metrics.jsonl").open("w", buffering=1)
+    with contextlib.closing(stream), mirror:  # a lost machine ends the stream (and its ssh) at once
+        for line in stream:
+            if line:
+                lines_shown += 1
+                mirror.write(line + "\n")
+                show(line)
+            if time.monotonic() - state["last_poll"] >= POLL_S:
+                state["last_poll"] = time.monotonic()
+                poll()
     # The runner ended between two reads of the stream: show its last lines from the pulled copy.
     pull_files(session)
     pulled_metrics = session.run_dir / "metrics.jsonl"
@@ -462,31 +587,59 @@ def push_checkpoint_if_lost(session: Session, reporter: Reporter) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_rented(session: Session, reporter: Reporter) -> Optional[str]:
+    """A rented machine as it is now: stopped (by its watchdog) -> started again, so what it
+    holds can be pulled; preempted or gone -> that state is returned. None: reachable."""
+    if not session.provider.owns_machines or session.record.target == "vast":
+        return None
+    state = session.provider.state(session.machine)
+    if state == "stopped":
+        reporter.phase(f"{session.record.target} was stopped (idle); starting it again to reach the run")
+        try:
+            session.machine = session.provider.wake(session.machine, machine_spec(session.record.id,
+                                                                                  session.record.identity))
+        except (ProviderError, VastError, RemoteError) as e:
+            raise JobError(f"{session.record.target} is stopped and did not start again: {e}", EXIT_TARGET) from None
+        return None
+    return state if state in LOST_STATES else None
+
+
 def attach(session: Session, reporter: Reporter) -> Outcome:
     """Follow a run again. Running: follow it. Ended while we were away: pull and record.
-    Dead (killed, machine restarted): resume it."""
+    Dead (killed, machine restarted): resume it. Its rented machine lost: resume on the next offer."""
     if session.record.remote_dir is None:
         raise JobError(f"run {session.record.id} never started on its target ({session.record.status}: "
                        f"{session.record.error}); launch it again", 2)
+    lost = check_rented(session, reporter)
+    if lost:
+        if not recover(session, lost, reporter, force=True):
+            return Outcome(session.record, session.run_dir)
+        return drive(session, reporter)
     look = _probe_or_fail(session)
     if look.alive and look.exit_code is None:
         reporter.started(session.record)
-        return follow_run(session, reporter)
+        return drive(session, reporter)
     if look.exit_code is None or look.exit_code in RESUMABLE_EXIT_CODES:
         reporter.warn(f"the runner is not running (exit code {look.exit_code}); resuming from the newest checkpoint")
         return resume(session, reporter)
-    return finish(session, look, reporter)
+    outcome = finish(session, look, reporter)
+    release(session, outcome.record.status, reporter)
+    return outcome
 
 
 def resume(session: Session, reporter: Reporter) -> Outcome:
     """Continue from the newest complete checkpoint (pushed back if the target lost it); the
     runner restores optimizer, scheduler, RNG and data position, so losses match an
-    uninterrupted run."""
+    uninterrupted run. A run whose rented machine is gone resumes on the next offer."""
     record = session.record
     if record.status == "done":
         raise JobError(f"run {record.id} is done; nothing to resume", 2)
     if record.status not in RESUMABLE and record.status != "failed":
         raise JobError(f"run {record.id} is {record.status}; it cannot be resumed", 2)
+    lost = check_rented(session, reporter)
+    if lost:
+        recover(session, lost, reporter, force=True)
+        return drive(session, reporter)
     config = load_config(session.run_dir / LOCAL_CONFIG)
     try:
         session.machine.ensure_connected()
@@ -495,20 +648,26 @@ def resume(session: Session, reporter: Reporter) -> Outcome:
             if look.alive and look.exit_code is None:
                 reporter.warn("the runner is still running; following it instead")
                 reporter.started(record)
-                return follow_run(session, reporter)
+                return drive(session, reporter)
             if look.exit_code == 0:
-                return finish(session, look, reporter)
+                outcome = finish(session, look, reporter)
+                release(session, outcome.record.status, reporter)
+                return outcome
         workdir = resolve_workdir(session.machine, config.resources.workdir or session.provider.default_workdir())
         session.update(status="starting", remote_dir=f"{workdir}/runs/{record.id}")
         start_runner(session, config, workdir, reporter, resume=True)
     except RemoteError as e:
         raise JobError(str(e), EXIT_TARGET) from None
-    return follow_run(session, reporter)
+    return drive(session, reporter)
 
 
 def pull(session: Session, reporter: Reporter) -> list[int]:
     """Fetch new checkpoints, metrics, logs and (when there) the adapter now; returns the
     checkpoint steps held here afterwards."""
+    lost = check_rented(session, reporter)
+    if lost:
+        raise JobError(f"{session.record.target} is {lost}: nothing more can be pulled from it; what was pulled "
+                       f"is in {session.run_dir} (`launch resume {session.record.id}` continues the run)", EXIT_TARGET)
     look = _probe_or_fail(session)
     pull_new_checkpoints(session, look.complete_steps, reporter)
     pull_files(session)
@@ -517,9 +676,10 @@ def pull(session: Session, reporter: Reporter) -> list[int]:
 
 def down(session: Session, reporter: Reporter) -> RunRecord:
     """Stop the job (SIGTERM: it checkpoints; SIGKILL after STOP_GRACE_S), pull what it left,
-    release the machine. Safe to repeat."""
+    release the machine (a rented one is destroyed). Safe to repeat."""
     look = None
-    if session.record.remote_dir:
+    lost = check_rented(session, reporter)
+    if session.record.remote_dir and not lost and session.record.target != "vast":
         look = _probe_or_fail(session)
         if look.alive and look.exit_code is None and session.record.pid:
             reporter.phase("stopping the runner (it saves a checkpoint first)")
@@ -535,7 +695,10 @@ def down(session: Session, reporter: Reporter) -> RunRecord:
                 look = probe(session)
         pull_new_checkpoints(session, look.complete_steps, reporter)
         pull_files(session)
-    session.provider.terminate(session.machine)
+    if session.provider.owns_machines:
+        release(session, lost or "stopped", reporter)
+    else:
+        session.provider.terminate(session.machine)
     if session.record.status in ("done", "failed"):
         return session.record
     now = time.time()

@@ -205,7 +205,7 @@ def _excluded(p: PlannedOffer, c: Constraints) -> Optional[str]:
     o = p.offer
     if c.gpu_count is not None and o.gpu_count != c.gpu_count:
         return f"{o.gpu_count} GPUs, {c.gpu_count} asked for"
-    if c.interruptible is not None and o.interruptible != c.interruptible:
+    if c.interruptible is not None and o.interruptible != c.interruptible and o.target is None:  # own box: no market
         return "spot" if o.interruptible else "on-demand"
     if c.max_usd_per_hour is not None and o.usd_per_hour > c.max_usd_per_hour:
         return f"above the ${c.max_usd_per_hour:.2f}/h cap"
@@ -242,6 +242,9 @@ def _key(value: Optional[float]) -> float:
 def no_fit_message(rows: list[PlannedOffer], need: JobNeed) -> str:
     """What to change, naming the cheapest near miss."""
     misses = [p for p in rows if p.why_not]
+    # The market and GPU count are what the user chose: a miss for another reason is the news.
+    chosen = [p for p in misses if p.why_not not in ("spot", "on-demand") and "asked for" not in p.why_not]
+    misses = chosen or misses
     if not rows:
         return "no offer matches the GPU and providers asked for; try another --gpu or --providers"
     nearest = min(misses, key=lambda p: (_key(p.est_total_usd), p.offer.usd_per_hour))

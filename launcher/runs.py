@@ -62,6 +62,29 @@ class RunRecord:
     ended_at: Optional[float] = None
 
 
+@dataclass(frozen=True)
+class MachineRecord:
+    """One rented machine a run used: what it cost per hour and for how long. A run preempted
+    twice has three. The $ of a run is the sum over its machines."""
+
+    run_id: str
+    target: str  # vast:<instance id>
+    provider: str
+    usd_per_hour: float  # as the instance reports it after start
+    started_at: float  # when it was seen running
+    gpu: Optional[str] = None
+    region: Optional[str] = None
+    ended_at: Optional[float] = None  # destroyed, or seen preempted / gone
+    end_reason: Optional[str] = None  # done | failed | preempted | gone | stopped | released
+    id: Optional[int] = None
+
+    def seconds(self, now: Optional[float] = None) -> float:
+        return max(0.0, (self.ended_at or now or time.time()) - self.started_at)
+
+    def usd(self, now: Optional[float] = None) -> float:
+        return self.usd_per_hour * self.seconds(now) / 3600
+
+
 _COLUMNS = [f.name for f in dataclasses.fields(RunRecord)]
 _SQL_TYPES = {"str": "TEXT", "Optional[str]": "TEXT", "int": "INTEGER", "Optional[int]": "INTEGER",
               "float": "REAL", "Optional[float]": "REAL"}
@@ -86,6 +109,9 @@ class RunStore:
         for f in dataclasses.fields(RunRecord):
             if f.name not in existing:
                 self._db.execute(f"ALTER TABLE runs ADD COLUMN {f.name} {_SQL_TYPES[str(f.type)]}")
+        self._db.execute("CREATE TABLE IF NOT EXISTS machines (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, "
+                         "target TEXT, provider TEXT, usd_per_hour REAL, started_at REAL, gpu TEXT, region TEXT, "
+                         "ended_at REAL, end_reason TEXT)")
 
     @classmethod
     def default(cls) -> "RunStore":
@@ -134,6 +160,21 @@ class RunStore:
         for row in rows:
             rates.setdefault(row["gpu"], []).append(row["tokens_per_s"])
         return {gpu: sorted(values)[len(values) // 2] for gpu, values in rates.items()}
+
+    def add_machine(self, machine: MachineRecord) -> MachineRecord:
+        values = {k: v for k, v in dataclasses.asdict(machine).items() if k != "id"}
+        cursor = self._db.execute(f"INSERT INTO machines ({', '.join(values)}) VALUES ({', '.join('?' for _ in values)})",
+                                  list(values.values()))
+        return dataclasses.replace(machine, id=cursor.lastrowid)
+
+    def end_machine(self, run_id: str, target: str, reason: str, ended_at: Optional[float] = None) -> None:
+        """Close the open segment of `target` (idempotent: an ended one keeps its first end)."""
+        self._db.execute("UPDATE machines SET ended_at = ?, end_reason = ? WHERE run_id = ? AND target = ? "
+                         "AND ended_at IS NULL", [ended_at or time.time(), reason, run_id, target])
+
+    def machines(self, run_id: str) -> list[MachineRecord]:
+        rows = self._db.execute("SELECT * FROM machines WHERE run_id = ? ORDER BY id", [run_id]).fetchall()
+        return [MachineRecord(**dict(row)) for row in rows]
 
     def close(self) -> None:
         self._db.close()

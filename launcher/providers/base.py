@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from launcher.remote import Machine
 
-MachineState = Literal["running", "stopped", "preempted", "gone", "unknown"]
+MachineState = Literal["starting", "running", "stopped", "preempted", "gone", "unknown"]
 
 
 class ProviderError(Exception):
@@ -21,13 +21,14 @@ class ProviderError(Exception):
 
 @dataclass(frozen=True)
 class Need:
-    """What the job needs from a machine (planning fills in VRAM with the next milestone)."""
+    """What the job needs from a machine; live searches filter on it, the planner ranks the rest."""
 
     gpu: Optional[str] = None
     gpu_count: int = 1
     disk_gb: Optional[float] = None
     max_usd_per_hour: Optional[float] = None
-    interruptible: bool = False
+    interruptible: Optional[bool] = None  # None: either market
+    min_vram_gb: Optional[float] = None  # all GPUs together
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Offer:
     interruptible: bool = False
     instance_type: Optional[str] = None
     target: Optional[str] = None  # what --target says to reach it (own boxes)
+    offer_id: Optional[int] = None  # the provider's id to rent it by (live offers only)
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class Provider(ABC):
 
     @abstractmethod
     def state(self, machine: Machine) -> MachineState:
-        """running | stopped | preempted | gone | unknown; never raises for a vanished machine."""
+        """starting | running | stopped | preempted | gone | unknown; never raises for a vanished machine."""
 
     @abstractmethod
     def terminate(self, machine: Machine) -> None:

@@ -134,14 +134,15 @@ def test_a_price_cap_miss_suggests_raising_the_cap(tmp_path):
     assert "above the $0.50/h cap. Try a higher --max-price" in proc.stderr
 
 
-def test_launch_with_a_gpu_and_no_target_says_what_it_would_rent_and_starts_nothing(tmp_path):
+def test_launch_on_a_gpu_only_the_catalog_rents_says_so_and_starts_nothing(tmp_path):
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "QLORA_LAUNCH_HOME": str(tmp_path / "home"),
            "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     proc = subprocess.run([sys.executable, "-m", "launcher", "--config", str(ROOT / "configs" / "mistral-7b-qlora.yaml"),
                            "--gpu", "A10G", "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 2
-    assert "the plan picks 1x A10G on aws" in proc.stderr and "--target ssh://" in proc.stderr
+    assert "the plan picks 1x A10G on aws" in proc.stderr and "cannot be rented from here" in proc.stderr
+    assert "--target ssh://" in proc.stderr
     from launcher.runs import RunStore
 
     assert not (tmp_path / "runs").exists() and RunStore(tmp_path / "home" / "runs.sqlite").list() == []

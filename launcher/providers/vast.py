@@ -1,0 +1,392 @@
+"""Vast.ai: live offers, instances rented from them, reached over SSH.
+
+What users of other tools lost money or hours on, and what this module does instead:
+- A mangled reply is an error, never "no instances" (vast_api.VastBadReply).
+- Create is idempotent: one offer at a time, and before any retry the run's label
+  (`qlora-launch:<run-id>`) is looked up, so a lost reply never rents a second machine.
+- The SSH key is on the account before the instance is created (and attached to it after).
+- A stalled image pull is told apart from a slow one by its progress (status_msg), not a fixed
+  timeout; an instance that never answers SSH (direct port, then the proxy) is destroyed.
+- Any failure after create destroys the instance before the error is raised.
+- The real $/h is read back from the instance; above the quote, the caller is warned.
+- The instance carries a watchdog (cluster_templates/vast_watchdog.py, its on-start command)
+  that stops it when no job runs and the launcher has not looked in for a while.
+
+Settings (resources.vast in the job YAML) hold the quality filters and the timeouts."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from launcher.config import VastSettings
+from launcher.paths import REPO_ROOT
+from launcher.providers.base import MachineSpec, MachineState, Need, Offer, Provider, ProviderError
+from launcher.providers.vast_api import (
+    VastAPI, VastAuthError, VastBadReply, VastError, VastRateLimited, VastServerError,
+)
+from launcher.remote import Machine, SSHAddress, SSHMachine, SSHOptions, Unreachable
+from launcher.runs import state_dir
+
+LABEL_PREFIX = "qlora-launch:"
+WATCHDOG = REPO_ROOT / "cluster_templates" / "vast_watchdog.py"
+ONSTART_LIMIT = 4048  # characters Vast accepts in `onstart`
+# Vast containers log in as root; the fake's instances are sshd's run as the test's own user.
+SSH_USER_ENV = "QLORA_LAUNCH_VAST_SSH_USER"
+POLL_ENV = "QLORA_LAUNCH_VAST_POLL_S"  # how often a starting instance is looked at (tests: fast)
+TERMINATE_TRIES = 5
+
+
+def label_for(run_id: str) -> str:
+    return f"{LABEL_PREFIX}{run_id}"
+
+
+def target_for(instance_id: int) -> str:
+    return f"vast:{instance_id}"
+
+
+def instance_id_of(target: str) -> int:
+    try:
+        return int(target.removeprefix("vast:"))
+    except ValueError:
+        raise ValueError(f"{target!r} is not a Vast.ai target (vast:<instance id>)") from None
+
+
+class VastMachine(SSHMachine):
+    """An SSH machine that is a Vast.ai instance; `address` is None when it cannot be reached
+    (stopped, gone): state() and terminate() still work on it."""
+
+    def __init__(self, instance_id: int, address: Optional[SSHAddress], options: SSHOptions) -> None:
+        super().__init__(address or SSHAddress(host="unreachable.invalid"), options)
+        self.instance_id = instance_id
+        self.name = f"vast:{instance_id}"
+        self.usd_per_hour: Optional[float] = None  # as the instance reports it
+        self.running_since: Optional[float] = None  # when we first saw it running
+
+
+class VastProvider(Provider):
+    name = "vast"
+    owns_machines = True
+
+    def __init__(self, settings: Optional[VastSettings] = None, api: Optional[VastAPI] = None,
+                 log: Callable[[str], None] = lambda text: None, workdir: Optional[str] = None) -> None:
+        self.settings = settings or VastSettings()
+        self._api = api
+        self.log = log
+        self.workdir = workdir or self.default_workdir()  # where the watchdog looks for the launcher's visits
+
+    @property
+    def api(self) -> VastAPI:
+        if self._api is None:
+            self._api = VastAPI()  # VastAuthError says how to set the key
+        return self._api
+
+    def default_workdir(self) -> str:
+        return "~/qlora-launch"
+
+    # ---- offers -----------------------------------------------------------------------------
+
+    def query(self, need: Need, kind: str) -> dict[str, Any]:
+        """The search filter: the quality floors of resources.vast, the job's memory, disk and caps."""
+        s = self.settings
+        q: dict[str, Any] = {"external": {"eq": False}, "rentable": {"eq": True}, "rented": {"eq": False},
+                             "reliability": {"gte": s.min_reliability}, "cuda_max_good": {"gte": s.min_cuda},
+                             "inet_down": {"gte": s.min_inet_down_mbps}, "disk_space": {"gte": self.disk_gb(need)}}
+        if s.verified_only:
+            q["verified"] = {"eq": True}
+        if s.direct_port:
+            q["direct_port_count"] = {"gte": 1}
+        if need.min_vram_gb:
+            q["gpu_total_ram"] = {"gte": round(need.min_vram_gb * 1000)}  # MB, as the CLI converts
+        if need.gpu_count and need.gpu:
+            q["num_gpus"] = {"eq": need.gpu_count}
+        if need.max_usd_per_hour is not None:
+            q["dph_total" if kind == "on-demand" else "min_bid"] = {"lte": need.max_usd_per_hour}
+        q.update(order=[["dph_total" if kind == "on-demand" else "min_bid", "asc"]], type=kind, limit=400,
+                 allocated_storage=self.disk_gb(need))
+        return q
+
+    def disk_gb(self, need: Need) -> float:
+        return max(self.settings.disk_gb, need.disk_gb or 0.0)
+
+    def offers(self, need: Need, usd_per_hour: float = 0.0) -> list[Offer]:
+        """Live offers, on demand and interruptible (at the minimum bid) unless `need` says which."""
+        kinds = {None: ("on-demand", "bid"), False: ("on-demand",), True: ("bid",)}[need.interruptible]
+        found = []
+        for kind in kinds:
+            for row in self.api.search_offers(self.query(need, kind)):
+                try:
+                    bid = kind == "bid"
+                    found.append(Offer(
+                        provider="vast", region=row.get("geolocation"), gpu=str(row["gpu_name"]),
+                        gpu_count=int(row["num_gpus"]), vram_gb=round(float(row["gpu_ram"]) / 1024, 1),
+                        usd_per_hour=float(row["min_bid"] if bid else row["dph_total"]), interruptible=bid,
+                        instance_type=f"offer {row['id']}", offer_id=int(row["id"])))
+                except (KeyError, TypeError, ValueError):
+                    raise VastBadReply(f"search offers: an offer without the fields we read: {row!r:.200}") from None
+        return found
+
+    # ---- provisioning -----------------------------------------------------------------------
+
+    def provision(self, offer: Offer, spec: MachineSpec) -> Machine:
+        """Rent `offer`, wait until SSH answers; on any failure the instance is destroyed first."""
+        if offer.offer_id is None:
+            raise ProviderError("a Vast.ai offer without its offer id (catalog offers cannot be rented; "
+                                "set VAST_API_KEY for live offers)")
+        identity, public_key = launcher_key(spec.identity)
+        self._register_key(public_key)
+        instance_id = self._create(offer, spec, public_key)
+        try:
+            row = self._wait_running(instance_id)
+            running_since = time.time()  # billing of the GPU starts about here
+            self.api.attach_ssh_key(instance_id, public_key)
+            machine = self._reach(instance_id, row, spec, identity)
+            real = float(row.get("dph_total") or 0)
+            if real > offer.usd_per_hour * 1.01 + 1e-9:
+                self.log(f"instance {instance_id} costs ${real:.3f}/h, above the ${offer.usd_per_hour:.3f}/h quoted")
+            machine.usd_per_hour = real or offer.usd_per_hour
+            machine.running_since = running_since
+            return machine
+        except BaseException as e:
+            self._destroy_quietly(instance_id, f"{type(e).__name__}: {e}")
+            raise
+
+    def _register_key(self, public_key: str) -> None:
+        keys = self.api.ssh_keys()
+        key_body = " ".join(public_key.split()[:2])
+        if key_body not in repr(keys):
+            self.api.add_ssh_key(public_key)
+
+    def _create(self, offer: Offer, spec: MachineSpec, public_key: str) -> int:
+        label = label_for(spec.run_id)
+        existing = self._labelled_live(label)
+        if existing is not None:
+            return existing  # a previous try's create went through: never rent twice
+        body = {
+            "client_id": "me", "image": self.settings.image, "env": {"QLORA_VAST_URL": self.api.url},
+            "price": offer.usd_per_hour if offer.interruptible else None, "disk": self.disk_gb(Need()),
+            "label": label, "extra": None, "onstart": onstart_command(self.settings, self.workdir), "image_login": None,
+            "python_utf8": False, "lang_utf8": False, "use_jupyter_lab": False, "jupyter_dir": None,
+            "force": False, "cancel_unavail": True, "template_hash_id": None, "user": None,
+            "runtype": "ssh_direc ssh_proxy",
+        }
+        delay = 1.0
+        for attempt in range(4):
+            try:
+                return int(self.api.create_instance(offer.offer_id, body)["new_contract"])
+            except (VastServerError, VastRateLimited, VastBadReply) as e:
+                # The reply was lost or mangled: the instance may exist. Look before trying again.
+                time.sleep(delay)
+                delay *= 2
+                existing = self._labelled_live(label)
+                if existing is not None:
+                    return existing
+                if attempt == 3:
+                    raise ProviderError(f"offer {offer.offer_id}: creating the instance failed: {e}") from None
+        raise AssertionError("unreachable")
+
+    def _labelled_live(self, label: str) -> Optional[int]:
+        for row in self.api.instances():
+            if row.get("label") == label and row.get("intended_status") != "stopped" and \
+                    row.get("actual_status") not in ("stopped", "exited", "offline"):
+                return int(row["id"])
+        return None
+
+    def _wait_running(self, instance_id: int) -> dict[str, Any]:
+        """Until running with an SSH port. A pull that stops making progress (the same status
+        for pull_stall_s) fails; a slow one that keeps moving may take up to boot_timeout_s."""
+        s = self.settings
+        start = last_change = time.monotonic()
+        last_seen: Any = object()
+        while True:
+            row = self.api.instance(instance_id)
+            if row is None:
+                raise ProviderError(f"instance {instance_id} disappeared while starting")
+            status = row.get("actual_status")
+            has_ssh = row.get("ssh_port") or (row.get("ports") or {}).get("22/tcp")
+            if status == "running" and has_ssh:
+                return row
+            if status in ("exited", "offline") or row.get("intended_status") == "stopped":
+                raise ProviderError(f"instance {instance_id} failed to start ({status}: {row.get('status_msg')})")
+            now = time.monotonic()
+            seen = (status, row.get("status_msg"))
+            if seen != last_seen:
+                last_seen, last_change = seen, now
+            elif now - last_change > s.pull_stall_s:
+                raise ProviderError(f"instance {instance_id}: the image pull made no progress for "
+                                    f"{s.pull_stall_s:.0f} s ({status}: {row.get('status_msg')})")
+            if now - start > s.boot_timeout_s:
+                raise ProviderError(f"instance {instance_id} not running after {s.boot_timeout_s:.0f} s")
+            time.sleep(_poll_s())
+
+    def _reach(self, instance_id: int, row: dict[str, Any], spec: MachineSpec, identity: Path) -> VastMachine:
+        """The direct port first, then Vast's SSH proxy, until one answers or ssh_timeout_s."""
+        deadline = time.monotonic() + self.settings.ssh_timeout_s
+        last: Optional[Exception] = None
+        while True:
+            for address in ssh_addresses(row):
+                machine = VastMachine(instance_id, address, ssh_options(spec, identity))
+                try:
+                    machine.ensure_connected()
+                    return machine
+                except Unreachable as e:
+                    last = e
+            if time.monotonic() > deadline:
+                raise ProviderError(f"instance {instance_id}: SSH did not answer within "
+                                    f"{self.settings.ssh_timeout_s:.0f} s ({last})")
+            time.sleep(_poll_s())
+            row = self.api.instance(instance_id) or row  # the ports can change while it settles
+
+    # ---- after provisioning -----------------------------------------------------------------
+
+    def reconnect(self, target: str, spec: MachineSpec) -> Machine:
+        identity, _ = launcher_key(spec.identity)
+        if target == "vast":  # not rented yet
+            return VastMachine(0, None, ssh_options(spec, identity))
+        instance_id = instance_id_of(target)
+        try:
+            row = self.api.instance(instance_id)
+        except VastError:
+            row = None
+        addresses = ssh_addresses(row) if row and row.get("actual_status") == "running" else []
+        for address in addresses:
+            machine = VastMachine(instance_id, address, ssh_options(spec, identity))
+            try:
+                machine.ensure_connected()
+                return machine
+            except Unreachable:
+                continue
+        return VastMachine(instance_id, addresses[0] if addresses else None, ssh_options(spec, identity))
+
+    def state(self, machine: Machine) -> MachineState:
+        try:
+            row = self.api.instance(_instance_of(machine))
+        except VastError:
+            return "unknown"
+        return map_state(row)
+
+    def wake(self, machine: Machine, spec: MachineSpec) -> Machine:
+        """A stopped instance (the watchdog stopped it) started again, to pull what it holds."""
+        instance_id = _instance_of(machine)
+        self.api.set_state(instance_id, "running")
+        row = self._wait_running(instance_id)
+        identity, _ = launcher_key(spec.identity)
+        return self._reach(instance_id, row, spec, identity)
+
+    def terminate(self, machine: Machine) -> None:
+        instance_id = _instance_of(machine)
+        machine.close()
+        self.destroy(instance_id)
+
+    def destroy(self, instance_id: int) -> None:
+        """Destroy and confirm it is gone; retried; an error says the instance may still bill."""
+        delay, last = 1.0, None
+        for _ in range(TERMINATE_TRIES):
+            try:
+                self.api.destroy_instance(instance_id)
+                if self.api.instance(instance_id) is None:
+                    return
+                last = "it still shows up after the destroy"
+            except VastAuthError:
+                raise
+            except VastError as e:
+                last = str(e)
+            time.sleep(delay)
+            delay = min(delay * 2, 30)
+        raise ProviderError(f"instance {instance_id} may still be billing: destroying it failed ({last}); run "
+                            f"`launch down --all` or `vastai destroy instance {instance_id}`")
+
+    def _destroy_quietly(self, instance_id: int, why: str) -> None:
+        try:
+            self.destroy(instance_id)
+            self.log(f"instance {instance_id} destroyed ({why})")
+        except (ProviderError, VastError) as e:
+            self.log(str(e))
+
+    def labelled_instances(self) -> list[dict[str, Any]]:
+        """Every instance of the account that carries our label, whoever launched it."""
+        return [row for row in self.api.instances() if str(row.get("label") or "").startswith(LABEL_PREFIX)]
+
+
+def map_state(row: Optional[dict[str, Any]]) -> MachineState:
+    """Vast's actual_status as ours; anything unknown is `unknown`, never a KeyError."""
+    if row is None:
+        return "gone"
+    status = row.get("actual_status")
+    if status == "running":
+        return "running"
+    if status in (None, "created", "loading", "rebooting"):
+        return "starting"
+    if status == "stopped":
+        # Outbid (it wants to run) or a host that went away: preempted. Stopped by us or the
+        # watchdog (intended_status stopped): stopped.
+        return "preempted" if row.get("intended_status") == "running" else "stopped"
+    if status == "offline":
+        return "preempted"
+    if status in ("exited", "frozen"):
+        return "stopped"
+    return "unknown"
+
+
+def ssh_addresses(row: Optional[dict[str, Any]]) -> list[SSHAddress]:
+    user = os.environ.get(SSH_USER_ENV, "root")
+    out = []
+    mapped = ((row or {}).get("ports") or {}).get("22/tcp") or []
+    if mapped and (row or {}).get("public_ipaddr"):
+        out.append(SSHAddress(host=str(row["public_ipaddr"]).strip(), user=user, port=int(mapped[0]["HostPort"])))
+    if (row or {}).get("ssh_host") and (row or {}).get("ssh_port"):
+        out.append(SSHAddress(host=str(row["ssh_host"]).strip(), user=user, port=int(row["ssh_port"])))
+    return out
+
+
+def ssh_options(spec: MachineSpec, identity: Path) -> SSHOptions:
+    return SSHOptions(known_hosts=spec.known_hosts, control_dir=spec.control_dir, identity=identity)
+
+
+def launcher_key(identity: Optional[Path]) -> tuple[Path, str]:
+    """(private key, public key text): the one given, else the user's own, else one made for the
+    launcher in the state directory."""
+    candidates = [identity] if identity else [Path("~/.ssh/id_ed25519").expanduser(),
+                                             Path("~/.ssh/id_rsa").expanduser()]
+    for private in candidates:
+        public = Path(f"{private}.pub")
+        if private.is_file() and public.is_file():
+            return private, public.read_text().strip()
+    if identity:
+        raise ProviderError(f"{identity}: the SSH key or its .pub file is missing; Vast.ai needs the public half")
+    private = state_dir() / "keys" / "vast_ed25519"
+    if not private.is_file():
+        private.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qlora-launch", "-f", str(private)],
+                       check=True)
+    return private, Path(f"{private}.pub").read_text().strip()
+
+
+def onstart_command(settings: VastSettings, workdir: str) -> str:
+    """The instance's on-start: unpack and start the watchdog (gzip+base64: Vast caps onstart)."""
+    packed = base64.b64encode(gzip.compress(WATCHDOG.read_bytes(), mtime=0)).decode()
+    folder = "$HOME/.qlora-launch"
+    env = (f"QLORA_WATCHDOG_IDLE_S={int(settings.watchdog_idle_minutes * 60)} "
+           f"QLORA_WORKDIR={shlex.quote(workdir)}")
+    command = (f"mkdir -p {folder} && echo {packed} | base64 -d | gunzip > {folder}/watchdog.py && "
+               f"{env} nohup python3 {folder}/watchdog.py >> {folder}/watchdog.log 2>&1 &")
+    if len(command) > ONSTART_LIMIT:
+        raise ProviderError(f"the on-start command is {len(command)} characters, over Vast's {ONSTART_LIMIT}")
+    return command
+
+
+def _instance_of(machine: Machine) -> int:
+    instance_id = getattr(machine, "instance_id", None)
+    if instance_id is None:
+        raise ProviderError(f"{machine.name} is not a Vast.ai instance")
+    return int(instance_id)
+
+
+def _poll_s() -> float:
+    return float(os.environ.get(POLL_ENV, "3"))
