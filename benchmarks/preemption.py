@@ -91,8 +91,13 @@ def interrupted_run(folder: Path, fake: FakeVast, preemptions: int, rng: random.
         wait(lambda: (lambda r: r if r[0] and r[0].target != f"vast:{instance}" and r[0].status == "running"
                       else None)(newest(folder)))
         metrics = folder / "runs" / record.id / "metrics.jsonl"
-        resumed = wait(lambda: next((e["step"] for e in map(json.loads, metrics.read_text().splitlines()[::-1])
-                                     if e.get("event") == "resume"), None) if metrics.is_file() else None)
+
+        def resume_steps() -> list[int]:
+            lines = metrics.read_text().splitlines() if metrics.is_file() else []
+            return [e["step"] for e in map(json.loads, lines) if e.get("event") == "resume"]
+
+        # This preemption's resume: one more resume event than the preemptions before it.
+        resumed = wait(lambda: (resume_steps()[len(events)] if len(resume_steps()) > len(events) else None))
         new_record, _ = newest(folder)
         new_instance = int(new_record.target.split(":")[1])
         wait(lambda: runner_step(fake, new_instance, record.id) > resumed)
