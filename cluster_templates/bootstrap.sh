@@ -10,6 +10,8 @@
 #    dequantized weights, before any model is downloaded; versions are reported.
 # The last line is `QLORA_BOOTSTRAP <json>`. Exit codes: 10 no usable python, 11 pip install
 # failed, 12 no GPU, 13 the stack check failed.
+# QLORA_VENV_ONLY=1 stops after step 1: a rented instance's on-start builds the venv at boot,
+# while the launcher is still connecting and syncing; the launcher's own run then reuses it.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 workdir=${QLORA_WORKDIR:?set QLORA_WORKDIR}
@@ -46,6 +48,7 @@ else
         fi
     ) 9>"$workdir/venvs/$hash.lock" || exit $?
 fi
+[ "${QLORA_VENV_ONLY:-}" = 1 ] && exit 0
 
 if [ "$device" != "cpu" ]; then
     command -v nvidia-smi >/dev/null 2>&1 || \

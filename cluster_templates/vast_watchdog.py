@@ -18,7 +18,9 @@ WORKDIR = Path(os.path.expanduser(os.environ.get("QLORA_WORKDIR", "~/qlora-launc
 SEEN = WORKDIR / ".launcher-seen"  # touched by the launcher at every look
 IDLE_S = float(os.environ.get("QLORA_WATCHDOG_IDLE_S", "1800"))
 URL = os.environ.get("QLORA_VAST_URL", "https://console.vast.ai").rstrip("/")
-BUSY = (b"qlora_runner.py", b"bootstrap.sh")  # a job or a bootstrap in progress
+# Only a job keeps the instance up past the idle time: a venv build (the on-start's, or the
+# launcher's, which touches SEEN as it starts) that hangs must not keep a GPU billing forever.
+BUSY = (b"qlora_runner.py",)
 
 
 def busy() -> bool:

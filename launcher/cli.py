@@ -354,10 +354,14 @@ def cmd_runs(args: argparse.Namespace, store: RunStore, console: Console, errors
     table = Table(title="runs")
     for column in ("id", "status", "target", "GPU", "steps", "elapsed", "$"):
         table.add_column(column, justify="right" if column in ("steps", "elapsed", "$") else "left")
+    from launcher.renting import spent
+
     for r in records:
         elapsed = (r.elapsed_s or 0) + (time.time() - r.started_at if r.started_at else 0)
+        rented = spent(store, r.id)  # rented machines: their lifetimes, not the runner's time
+        usd = rented if rented is not None else (r.usd_per_hour or 0) * elapsed / 3600
         table.add_row(r.id, r.status, r.target, r.gpu or "-", f"{r.step or 0}/{r.total_steps or '?'}",
-                      _duration(elapsed), f"{(r.usd_per_hour or 0) * elapsed / 3600:.2f}")
+                      _duration(elapsed), f"{usd:.2f}")
     console.print(table)
     return 0
 

@@ -217,6 +217,7 @@ def rent_machine(session: Session, candidates: list[Offer], reporter: Reporter) 
     """Rent the first candidate that comes up; the run record then names the instance."""
     from launcher import renting
 
+    session.provider.log = reporter.warn  # the provider's warnings (price above the quote, ...) go to the user
     try:
         machine, offer = renting.rent(session.store, session.record.id, session.run_dir, session.provider,
                                       candidates, machine_spec(session.record.id, session.record.identity),
@@ -271,7 +272,8 @@ def recover(session: Session, state: str, reporter: Reporter, *, force: bool = F
     except (ProviderError, VastError) as e:
         reporter.warn(str(e))
     session.update(status="preempted", elapsed_s=session.elapsed_s(now), started_at=None, ended_at=now,
-                   error=f"{lost} was {state}; `launch resume {session.record.id}` continues on the next offer")
+                   exit_code=143, error=f"{lost} was {state}; `launch resume {session.record.id}` continues on "
+                                        "the next offer")
     config = load_config(session.run_dir / LOCAL_CONFIG)
     if not (config.resources.recover or force):
         return False
@@ -331,7 +333,8 @@ def bootstrap(machine: Machine, workdir: str, config: LaunchConfig) -> str:
     if python:
         env["QLORA_PYTHON"] = python
     line = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-    result = machine.run(f"{line} sh {shlex.quote(bin_dir)}/bootstrap.sh", check=False, timeout=3600)
+    seen = shlex.quote(f"{workdir}/{SEEN_FILE}")  # a rented instance's watchdog: the launcher is here
+    result = machine.run(f"touch {seen}; {line} sh {shlex.quote(bin_dir)}/bootstrap.sh", check=False, timeout=3600)
     report = next((ln for ln in result.stdout.splitlines() if ln.startswith("QLORA_BOOTSTRAP ")), None)
     if result.returncode != 0 or report is None:
         errors = [ln for ln in (result.stderr + result.stdout).splitlines() if ln.strip()]

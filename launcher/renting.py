@@ -35,7 +35,8 @@ def vast_is_configured() -> bool:
 
 
 def vast_provider(config: LaunchConfig, log: Callable[[str], None] = lambda text: None) -> VastProvider:
-    return VastProvider(config.resources.vast, log=log, workdir=config.resources.workdir)
+    return VastProvider(config.resources.vast, log=log, workdir=config.resources.workdir,
+                        prebuild_venv=config.resources.python is None, min_disk_gb=config.resources.disk_gb)
 
 
 def live_need(need: planning.JobNeed, constraints: planning.Constraints, disk_gb: Optional[float]) -> Need:

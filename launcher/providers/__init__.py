@@ -22,7 +22,9 @@ def provider_for(target: str, resources: Optional[Any] = None,
         return LocalProvider()
     if target == "vast" or target.startswith("vast:"):
         return VastProvider(resources.vast if resources else None, log=log,
-                            workdir=resources.workdir if resources else None)
+                            workdir=resources.workdir if resources else None,
+                            prebuild_venv=not (resources and resources.python),
+                            min_disk_gb=resources.disk_gb if resources else None)
     return SSHProvider(target)
 
 

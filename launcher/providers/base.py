@@ -8,7 +8,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 from launcher.remote import Machine
 
@@ -61,6 +61,7 @@ class MachineSpec:
 class Provider(ABC):
     name: str
     owns_machines: bool = False  # False: your box; terminate() leaves it running
+    log: Callable[[str], None] = staticmethod(lambda text: None)  # warnings for the user (the reporter's)
 
     @abstractmethod
     def offers(self, need: Need, usd_per_hour: float = 0.0) -> list[Offer]:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import base64
 import gzip
+import io
 import os
 import shlex
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -36,6 +38,8 @@ from launcher.runs import state_dir
 
 LABEL_PREFIX = "qlora-launch:"
 WATCHDOG = REPO_ROOT / "cluster_templates" / "vast_watchdog.py"
+BOOTSTRAP = REPO_ROOT / "cluster_templates" / "bootstrap.sh"
+REQUIREMENTS = REPO_ROOT / "runner" / "requirements.txt"
 ONSTART_LIMIT = 4048  # characters Vast accepts in `onstart`
 # Vast containers log in as root; the fake's instances are sshd's run as the test's own user.
 SSH_USER_ENV = "QLORA_LAUNCH_VAST_SSH_USER"
@@ -75,11 +79,14 @@ class VastProvider(Provider):
     owns_machines = True
 
     def __init__(self, settings: Optional[VastSettings] = None, api: Optional[VastAPI] = None,
-                 log: Callable[[str], None] = lambda text: None, workdir: Optional[str] = None) -> None:
+                 log: Callable[[str], None] = lambda text: None, workdir: Optional[str] = None,
+                 prebuild_venv: bool = True, min_disk_gb: Optional[float] = None) -> None:
         self.settings = settings or VastSettings()
         self._api = api
         self.log = log
         self.workdir = workdir or self.default_workdir()  # where the watchdog looks for the launcher's visits
+        self.prebuild_venv = prebuild_venv  # False when the job names its own python (resources.python)
+        self.min_disk_gb = min_disk_gb  # resources.disk_gb: what the job says it needs free
 
     @property
     def api(self) -> VastAPI:
@@ -113,7 +120,8 @@ class VastProvider(Provider):
         return q
 
     def disk_gb(self, need: Need) -> float:
-        return max(self.settings.disk_gb, need.disk_gb or 0.0)
+        """The instance's disk: resources.vast.disk_gb, or more when the job asks for more."""
+        return max(self.settings.disk_gb, need.disk_gb or 0.0, self.min_disk_gb or 0.0)
 
     def offers(self, need: Need, usd_per_hour: float = 0.0) -> list[Offer]:
         """Live offers, on demand and interruptible (at the minimum bid) unless `need` says which."""
@@ -171,7 +179,8 @@ class VastProvider(Provider):
         body = {
             "client_id": "me", "image": self.settings.image, "env": {"QLORA_VAST_URL": self.api.url},
             "price": offer.usd_per_hour if offer.interruptible else None, "disk": self.disk_gb(Need()),
-            "label": label, "extra": None, "onstart": onstart_command(self.settings, self.workdir), "image_login": None,
+            "label": label, "extra": None, "image_login": None,
+            "onstart": onstart_command(self.settings, self.workdir, self.prebuild_venv),
             "python_utf8": False, "lang_utf8": False, "use_jupyter_lab": False, "jupyter_dir": None,
             "force": False, "cancel_unavail": True, "template_hash_id": None, "user": None,
             "runtype": "ssh_direc ssh_proxy",
@@ -368,17 +377,43 @@ def launcher_key(identity: Optional[Path]) -> tuple[Path, str]:
     return private, Path(f"{private}.pub").read_text().strip()
 
 
-def onstart_command(settings: VastSettings, workdir: str) -> str:
-    """The instance's on-start: unpack and start the watchdog (gzip+base64: Vast caps onstart)."""
-    packed = base64.b64encode(gzip.compress(WATCHDOG.read_bytes(), mtime=0)).decode()
+def onstart_command(settings: VastSettings, workdir: str, prebuild_venv: bool = True,
+                    requirements: Path = REQUIREMENTS) -> str:
+    """The instance's on-start (it runs at every start of the container): unpack our files, start
+    the watchdog and, unless the job brings its own python, build the runner's venv at once, so
+    pip runs while the launcher still waits for SSH and syncs the data; the launcher's bootstrap
+    then finds it ready (or waits on its lock). Packed with gzip+base64: Vast caps on-start at
+    4048 characters; comment lines of the shell script are dropped to fit."""
+    files = {"vast_watchdog.py": WATCHDOG.read_text(), "requirements.txt": requirements.read_text()}
+    if prebuild_venv:
+        files["bootstrap.sh"] = "\n".join(line for n, line in enumerate(BOOTSTRAP.read_text().splitlines())
+                                          if n == 0 or not line.lstrip().startswith("#")) + "\n"
+    packed = base64.b64encode(_tar_gz(files)).decode()
     folder = "$HOME/.qlora-launch"
-    env = (f"QLORA_WATCHDOG_IDLE_S={int(settings.watchdog_idle_minutes * 60)} "
-           f"QLORA_WORKDIR={shlex.quote(workdir)}")
-    command = (f"mkdir -p {folder} && echo {packed} | base64 -d | gunzip > {folder}/watchdog.py && "
-               f"{env} nohup python3 {folder}/watchdog.py >> {folder}/watchdog.log 2>&1 &")
+    work = workdir.replace("~", "$HOME", 1) if workdir.startswith("~") else shlex.quote(workdir)
+    command = (f"mkdir -p {folder} && echo {packed} | base64 -d | tar xz -C {folder} && "
+               f"(QLORA_WATCHDOG_IDLE_S={int(settings.watchdog_idle_minutes * 60)} QLORA_WORKDIR={work} "
+               f"nohup python3 {folder}/vast_watchdog.py >> {folder}/watchdog.log 2>&1 &)")
+    if prebuild_venv:
+        command += (f"; (QLORA_WORKDIR={work} QLORA_REQUIREMENTS={folder}/requirements.txt QLORA_VENV_ONLY=1 "
+                    f"nohup sh {folder}/bootstrap.sh >> {folder}/bootstrap.log 2>&1 &)")
     if len(command) > ONSTART_LIMIT:
+        if prebuild_venv:  # the venv is then built over SSH, as on any target
+            return onstart_command(settings, workdir, False, requirements)
         raise ProviderError(f"the on-start command is {len(command)} characters, over Vast's {ONSTART_LIMIT}")
     return command
+
+
+def _tar_gz(files: dict[str, str]) -> bytes:
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9, mtime=0) as zipped:
+        with tarfile.open(fileobj=zipped, mode="w") as tar:
+            for name, text in files.items():
+                data = text.encode()
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def _instance_of(machine: Machine) -> int:

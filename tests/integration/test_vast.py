@@ -135,6 +135,28 @@ def test_preemption_resumes_on_another_offer_with_the_same_losses(launcher: Vast
     assert_spent_matches(machines, vast)
 
 
+def test_no_recover_stops_at_preempted_and_resume_moves_on(launcher: VastLauncher, vast: FakeVast,
+                                                            reference_losses):
+    proc = launcher.start("--config", str(job(launcher.folder / "job.yaml")), "--yes", "--no-recover")
+    try:
+        record = launcher.wait_for(lambda r: (r.pulled_step or 0) >= 10 and (r.step or 0) >= 15, timeout=240)
+        first = int(record.target.split(":")[1])
+        vast.preempt(first)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, out[-3000:]
+    (record,) = launcher.records()
+    assert record.status == "preempted" and f"launch resume {record.id}" in record.error
+    assert vast.alive() == []  # the stopped instance was destroyed all the same
+    resumed = launcher.run("resume", record.id, timeout=300)
+    assert resumed.returncode == 0, output_of(resumed)[-3000:]
+    (record,) = launcher.records()
+    assert record.status == "done" and record.target != f"vast:{first}"
+    assert train_losses(Path(record.run_dir)) == pytest.approx(reference_losses, abs=1e-5)
+    assert [m["end_reason"] for m in machines_of(launcher, record.id)] == ["preempted", "done"]
+
+
 def test_a_lost_create_reply_never_rents_twice(launcher: VastLauncher, vast: FakeVast):
     vast.lose_create_replies = 1
     proc = launcher.run("--config", str(job(launcher.folder / "job.yaml"), ), "--yes", "--detach")
@@ -145,6 +167,23 @@ def test_a_lost_create_reply_never_rents_twice(launcher: VastLauncher, vast: Fak
     down = launcher.run("down", record.id)
     assert down.returncode == 0, output_of(down)
     assert vast.alive() == []
+
+
+def test_a_closed_direct_port_falls_back_to_the_proxy_and_a_price_above_the_quote_warns(launcher: VastLauncher,
+                                                                                        vast: FakeVast):
+    vast.break_direct = True  # the direct port is reported but closed: only Vast's proxy answers
+    vast.price_drift = 0.2  # the instance costs 20 % more than its offer said
+    proc = launcher.run("--config", str(job(launcher.folder / "job.yaml")), "--yes", "--on-demand", "--detach")
+    out = output_of(proc)
+    assert proc.returncode == 0, out[-3000:]
+    (record,) = launcher.records()
+    instance = vast.instances[int(record.target.split(":")[1])]
+    assert f"costs ${instance.dph_total:.3f}/h, above the ${instance.offer.dph_total:.3f}/h quoted" in out
+    (machine,) = machines_of(launcher, record.id)
+    assert machine["usd_per_hour"] == pytest.approx(instance.dph_total)  # what it really costs is what counts
+    down = launcher.run("down", record.id)
+    assert down.returncode == 0, output_of(down)
+    assert launcher.records()[0].status in ("stopped", "done") and instance.destroyed_at is not None
 
 
 @pytest.mark.parametrize("fault", ["ssh never answers", "image pull stalls"])
@@ -188,7 +227,8 @@ def test_the_watchdog_stops_an_idle_instance_with_the_instance_key(vast: FakeVas
     from launcher.providers.vast import onstart_command
 
     body = {"image": "img", "label": "qlora-launch:idle", "env": {"QLORA_VAST_URL": vast.url},
-            "onstart": onstart_command(VastSettings(watchdog_idle_minutes=0.05), "~/qlora-launch")}
+            "onstart": onstart_command(VastSettings(watchdog_idle_minutes=0.05), "~/qlora-launch",
+                                       prebuild_venv=False)}
     made = vast.handle("PUT", f"/api/v0/asks/{min(vast.offers)}/", body, f"Bearer {ACCOUNT_KEY}")["new_contract"]
     instance = vast.instances[made]
     deadline = time.monotonic() + 30
@@ -198,6 +238,37 @@ def test_the_watchdog_stops_an_idle_instance_with_the_instance_key(vast: FakeVas
     (stop,) = [r for r in vast.requests if r["method"] == "PUT" and r["path"] == f"/api/v0/instances/{made}/"]
     assert stop["body"] == {"state": "stopped"} and stop["scope"] == f"instance {made}"  # never the account key
     vast.handle("DELETE", f"/api/v0/instances/{made}/", {}, f"Bearer {ACCOUNT_KEY}")
+
+
+def test_the_on_start_builds_the_venv_at_boot_for_the_launchers_bootstrap_to_reuse(tmp_path):
+    """The on-start as an instance runs it: unpacked, watchdog up, the venv built with the exact
+    requirements file the launcher sends later, so its bootstrap finds it ready."""
+    from launcher.config import VastSettings
+    from launcher.providers.vast import onstart_command
+
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# nothing to install: the test checks where the venv lands, not pip\n")
+    command = onstart_command(VastSettings(), "~/qlora-launch", True, requirements)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home)}
+    subprocess.run(["sh", "-c", command], env=env, check=True, timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        ready = list((home / "qlora-launch" / "venvs").glob("*/.qlora-ready"))
+        while not ready and time.monotonic() < deadline:
+            time.sleep(0.2)
+            ready = list((home / "qlora-launch" / "venvs").glob("*/.qlora-ready"))
+        assert ready, (home / ".qlora-launch" / "bootstrap.log").read_text()
+        assert "watchdog: stops this instance" in (home / ".qlora-launch" / "watchdog.log").read_text()
+        # The launcher's bootstrap later, with the same requirements: the venv is reused.
+        later = subprocess.run(["sh", str(ROOT / "cluster_templates" / "bootstrap.sh")], capture_output=True,
+                               text=True, timeout=120, env={**env, "QLORA_WORKDIR": str(home / "qlora-launch"),
+                                                            "QLORA_REQUIREMENTS": str(requirements),
+                                                            "QLORA_VENV_ONLY": "1"})
+        assert later.returncode == 0 and "reusing venv" in later.stdout, later.stdout + later.stderr
+    finally:
+        subprocess.run(["pkill", "-f", str(home / ".qlora-launch" / "vast_watchdog.py")])
 
 
 def test_the_fake_speaks_the_real_vastai_sdk(vast: FakeVast, tmp_path):
