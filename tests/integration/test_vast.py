@@ -113,15 +113,7 @@ def test_a_whole_run_on_a_rented_instance(launcher: VastLauncher, vast: FakeVast
 
 def test_preemption_resumes_on_another_offer_with_the_same_losses(launcher: VastLauncher, vast: FakeVast,
                                                                   reference_losses):
-    proc = launcher.start("--config", str(job(launcher.folder / "job.yaml")), "--yes")
-    try:
-        record = launcher.wait_for(lambda r: (r.pulled_step or 0) >= 20 and (r.step or 0) >= 25, timeout=240)
-        first = int(record.target.split(":")[1])
-        preempted_at = time.time()
-        vast.preempt(first)
-        out, _ = proc.communicate(timeout=400)
-    finally:
-        proc.kill()
+    proc, out, first, preempted_at = preempt_mid_run(launcher, vast, pulled=20, step=25)
     assert proc.returncode == 0, out[-4000:]
     (record,) = launcher.records()
     assert record.status == "done" and record.target != f"vast:{first}"
@@ -137,14 +129,7 @@ def test_preemption_resumes_on_another_offer_with_the_same_losses(launcher: Vast
 
 def test_no_recover_stops_at_preempted_and_resume_moves_on(launcher: VastLauncher, vast: FakeVast,
                                                             reference_losses):
-    proc = launcher.start("--config", str(job(launcher.folder / "job.yaml")), "--yes", "--no-recover")
-    try:
-        record = launcher.wait_for(lambda r: (r.pulled_step or 0) >= 10 and (r.step or 0) >= 15, timeout=240)
-        first = int(record.target.split(":")[1])
-        vast.preempt(first)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    proc, out, first, _ = preempt_mid_run(launcher, vast, "--no-recover", pulled=10, step=15)
     assert proc.returncode == 143, out[-3000:]
     (record,) = launcher.records()
     assert record.status == "preempted" and f"launch resume {record.id}" in record.error
@@ -296,6 +281,22 @@ def test_the_fake_speaks_the_real_vastai_sdk(vast: FakeVast, tmp_path):
     shown = next(x["shown"] for x in lines if "shown" in x)
     assert shown == [[made["new_contract"], "sdk", shown[0][2]]]
     assert vast.alive() == []
+
+
+def preempt_mid_run(launcher: VastLauncher, vast: FakeVast, *args: str, pulled: int,
+                    step: int) -> tuple[subprocess.Popen, str, int, float]:
+    """Launch, preempt the instance once checkpoint `pulled` is here and the runner is at `step`,
+    wait for the launcher to end: (process, its output, the first instance, when it was preempted)."""
+    proc = launcher.start("--config", str(job(launcher.folder / "job.yaml")), "--yes", *args)
+    try:
+        record = launcher.wait_for(lambda r: (r.pulled_step or 0) >= pulled and (r.step or 0) >= step, timeout=240)
+        first = int(record.target.split(":")[1])
+        preempted_at = time.time()
+        vast.preempt(first)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    return proc, out, first, preempted_at
 
 
 def machines_of(launcher: Launcher, run_id: str) -> list[dict]:
