@@ -377,8 +377,15 @@ def cmd_status(args: argparse.Namespace, store: RunStore, console: Console, erro
                     "checkpoints_on_target": look.complete_steps}
         except RemoteError as e:
             live = {"unreachable": str(e)}
+    if session.provider.owns_machines and session.record.target != "vast":
+        # Is it still billing? The provider's word, whatever the run's record says.
+        live["machine_state"] = session.provider.state(session.machine)
+    from launcher.renting import machines_json, spent
+
+    machines = machines_json(store, session.record.id)
     if args.json:
-        console.print_json(json.dumps({"run": asdict(session.record), "live": live}))
+        console.print_json(json.dumps({"run": asdict(session.record), "live": live, "machines": machines,
+                                       "spent_usd": spent(store, session.record.id)}))
         return 0
     table = Table(title=f"run {session.record.id}", show_header=False)
     table.add_column(style="bold")
@@ -388,6 +395,9 @@ def cmd_status(args: argparse.Namespace, store: RunStore, console: Console, erro
             table.add_row(key, str(value))
     for key, value in live.items():
         table.add_row(f"live {key}", str(value))
+    for m in machines:
+        table.add_row("machine", f"{m['target']} {m['gpu'] or ''} ${m['usd_per_hour']:.3f}/h, "
+                                 f"{_duration(m['seconds'])}, ${m['usd']:.4f}, {m['end_reason'] or 'running'}")
     console.print(table)
     return 0
 

@@ -166,9 +166,15 @@ def test_a_closed_direct_port_falls_back_to_the_proxy_and_a_price_above_the_quot
     assert f"costs ${instance.dph_total:.3f}/h, above the ${instance.offer.dph_total:.3f}/h quoted" in out
     (machine,) = machines_of(launcher, record.id)
     assert machine["usd_per_hour"] == pytest.approx(instance.dph_total)  # what it really costs is what counts
+    status = launcher.run("status", record.id, "--json")
+    assert status.returncode == 0, output_of(status)
+    shown = json.loads(status.stdout)
+    assert shown["live"]["machine_state"] == "running" and shown["machines"][0]["end_reason"] is None
     down = launcher.run("down", record.id)
     assert down.returncode == 0, output_of(down)
     assert launcher.records()[0].status in ("stopped", "done") and instance.destroyed_at is not None
+    after = json.loads(launcher.run("status", record.id, "--json").stdout)
+    assert after["live"]["machine_state"] == "gone" and after["machines"][0]["end_reason"] == "stopped"
 
 
 @pytest.mark.parametrize("fault", ["ssh never answers", "image pull stalls"])
