@@ -204,9 +204,14 @@ class Machine:
                 tail.close()
             if stop():
                 return
-            time.sleep(backoff)  # the connection dropped (or the file is not there yet): try again
+            # The connection dropped (or the file is not there yet): try again after a backoff,
+            # yielding all the while, so the caller keeps looking at the job (a machine lost for
+            # good is noticed by its probes, not after the backoff).
+            resume_at = time.monotonic() + backoff
+            while not stop() and time.monotonic() < resume_at:
+                time.sleep(min(poll_s, max(0.0, resume_at - time.monotonic())))
+                yield ""
             backoff = min(backoff * 2, 10)
-            yield ""
 
 
 class _Tail:
