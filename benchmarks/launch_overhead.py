@@ -19,12 +19,10 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,43 +32,9 @@ sys.path.insert(0, str(ROOT))
 from launcher.runs import RunStore  # noqa: E402
 from tests.helpers import tiny_job  # noqa: E402
 from tests.sshd import start_sshd  # noqa: E402
+from tests.tcp_proxy import TcpProxy  # noqa: E402
 
 DATA_MB = 100
-
-
-class CountingProxy:
-    """127.0.0.1:port -> 127.0.0.1:upstream, counting the bytes the client sends."""
-
-    def __init__(self, upstream: int) -> None:
-        self.upstream = upstream
-        self.sent = 0
-        self.lock = threading.Lock()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            client, _ = self.server.accept()
-            upstream = socket.create_connection(("127.0.0.1", self.upstream))
-            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
-
-    def _pipe(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
-        try:
-            while data := source.recv(1 << 16):
-                if counted:
-                    with self.lock:
-                        self.sent += len(data)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 def median_wall(argv: list[str], repeats: int = 5) -> float:
@@ -163,7 +127,7 @@ def main() -> None:
         examples = make_data(data, DATA_MB)
         big = tiny_job(folder / "big.yaml", data={"path": str(data)}, train={"max_steps": 1},
                        resources={"workdir": str(folder / "remote")})
-        proxy = CountingProxy(server.port)
+        proxy = TcpProxy(server.port)
         via_proxy = ["--target", f"ssh://{server.user}@127.0.0.1:{proxy.port}", "--identity", str(server.client_key),
                      "--python", sys.executable]
         sent = []

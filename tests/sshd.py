@@ -11,6 +11,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -49,32 +50,45 @@ def keygen(path: Path) -> Path:
 def start_sshd(folder: Path) -> SSHServer:
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
-    host_key = keygen(folder / "host_ed25519")
     client_key = keygen(folder / "client_ed25519")
-    (folder / "authorized_keys").write_text((folder / "client_ed25519.pub").read_text())
+    process, port = run_sshd(folder, [(folder / "client_ed25519.pub").read_text()])
+    return SSHServer(port=port, user=getpass.getuser(), client_key=client_key, folder=folder, process=process)
+
+
+def run_sshd(folder: Path, authorized_keys: list[str], port: Optional[int] = None,
+             session_env: Optional[dict[str, str]] = None,
+             process_env: Optional[dict[str, str]] = None) -> tuple[subprocess.Popen, int]:
+    """An sshd for `folder` (its host key, config, pid file and log live there) that admits
+    `authorized_keys`, listening on 127.0.0.1:`port` (a free one by default); returns once it
+    accepts connections. `session_env`: variables every SSH session gets (sshd's SetEnv);
+    `process_env`: the environment of the sshd process itself."""
+    host_key = folder / "host_ed25519"
+    if not host_key.exists():
+        keygen(host_key)
+    (folder / "authorized_keys").write_text("".join(k.strip() + "\n" for k in authorized_keys))
     os.chmod(folder / "authorized_keys", 0o600)
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
-    port = free_port()
+    port = port or free_port()
+    setenv = ["SetEnv " + " ".join(f'{k}="{v}"' for k, v in session_env.items())] if session_env else []
     config = folder / "sshd_config"
     config.write_text("\n".join([
         f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
         f"AuthorizedKeysFile {folder / 'authorized_keys'}", f"PidFile {folder / 'sshd.pid'}",
         "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
         "PermitRootLogin prohibit-password", "StrictModes no", "UsePAM no",
-        "MaxSessions 20", "MaxStartups 50", "LogLevel ERROR", "",
+        "MaxSessions 20", "MaxStartups 50", "LogLevel ERROR", *setenv, "",
     ]))
+    log = folder / "sshd.log"
     process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
-                               stderr=open(folder / "sshd.log", "w"))
+                               stderr=open(log, "a"), env=process_env)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"sshd exited: {(folder / 'sshd.log').read_text()}")
+            raise RuntimeError(f"sshd exited: {log.read_text()}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
+            return process, port
         except OSError:
-            time.sleep(0.1)
-    else:
-        raise RuntimeError("sshd did not start listening within 10 s")
-    return SSHServer(port=port, user=getpass.getuser(), client_key=client_key, folder=folder, process=process)
+            time.sleep(0.05)
+    raise RuntimeError(f"sshd did not start listening within 10 s: {log.read_text()}")

@@ -28,9 +28,7 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -40,7 +38,9 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import parse_qs, urlsplit
 
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+from tests.sshd import free_port, run_sshd
+from tests.tcp_proxy import TcpProxy
+
 ACCOUNT_KEY = "fake-vast-account-key"
 MIN_BID_SHARE = 0.55  # the fake's interruptible floor: 55 % of the on-demand price
 STORAGE_USD_PER_GB_MONTH = 0.15
@@ -205,7 +205,7 @@ class FakeVast:
         self.break_direct = False  # the direct port is closed: only the proxy works
         self.mangle_instance_list = False  # GET instances answers with a body of an unknown shape
         self.lose_create_replies = 0  # the next creates rent the machine, then answer 502 (a lost reply)
-        self.broken_direct_port = _free_port()
+        self.broken_direct_port = free_port()
         self._next_id = 5000
         self._lock = threading.RLock()
         self._server: Optional[ThreadingHTTPServer] = None
@@ -440,13 +440,13 @@ class FakeVast:
 
     def _run(self, instance: FakeInstance) -> None:
         instance.home.mkdir(parents=True, exist_ok=True)
-        instance.ssh_port = instance.ssh_port or _free_port()
+        instance.ssh_port = instance.ssh_port or free_port()
         if not self.break_ssh:
             instance.sshd = _start_sshd(instance)
             if instance.proxy_port is None:
-                instance.proxy_port = _start_proxy(instance.ssh_port)
+                instance.proxy_port = TcpProxy(instance.ssh_port).port  # Vast's SSH proxy
         else:
-            instance.proxy_port = _free_port()  # ports are reported, nothing answers on them
+            instance.proxy_port = free_port()  # ports are reported, nothing answers on them
         instance.actual_status, instance.intended_status = "running", "running"
         instance.status_msg = "success, running"
         instance.running_since = time.time()
@@ -580,12 +580,6 @@ def _coerce(value: Any) -> Any:
     return float(value) if isinstance(value, (int, float)) else value
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _instance_env(instance: FakeInstance) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL")}, **instance.env,
             "HOME": str(instance.home), "CONTAINER_ID": str(instance.id), "CONTAINER_API_KEY": instance.api_key,
@@ -593,69 +587,12 @@ def _instance_env(instance: FakeInstance) -> dict[str, str]:
 
 
 def _start_sshd(instance: FakeInstance) -> subprocess.Popen:
-    folder = instance.folder
-    host_key = folder / "host_ed25519"
-    if not host_key.exists():
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
-    (folder / "authorized_keys").write_text("\n".join(instance.authorized_keys) + "\n")
-    os.chmod(folder / "authorized_keys", 0o600)
-    if os.geteuid() == 0:
-        Path("/run/sshd").mkdir(exist_ok=True)
+    """The instance's own sshd; its sessions get the container's variables (HOME included)."""
     env = _instance_env(instance)
-    setenv = " ".join(f'{k}="{v}"' for k, v in env.items() if k != "PATH")
-    config = folder / "sshd_config"
-    config.write_text("\n".join([
-        f"Port {instance.ssh_port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
-        f"AuthorizedKeysFile {folder / 'authorized_keys'}", f"PidFile {folder / 'sshd.pid'}",
-        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
-        "PermitRootLogin prohibit-password", "StrictModes no", "UsePAM no", "MaxSessions 20", "MaxStartups 50",
-        "LogLevel ERROR", f"SetEnv {setenv}", "",
-    ]))
-    process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
-                               stderr=open(folder / "sshd.log", "a"), env={MARKER: instance.marker})
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", instance.ssh_port), timeout=0.5).close()
-            return process
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"fake instance sshd did not start: {(folder / 'sshd.log').read_text()}")
-
-
-def _start_proxy(target_port: int) -> int:
-    """Vast's SSH proxy: a second port forwarding to the instance's sshd."""
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-
-    def pipe(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def serve() -> None:
-        while True:
-            client, _ = listener.accept()
-            try:
-                upstream = socket.create_connection(("127.0.0.1", target_port), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    return listener.getsockname()[1]
+    process, _ = run_sshd(instance.folder, instance.authorized_keys, instance.ssh_port,
+                          session_env={k: v for k, v in env.items() if k != "PATH"},
+                          process_env={MARKER: instance.marker})
+    return process
 
 
 def _marked_pids(marker: str) -> list[int]:
