@@ -263,32 +263,25 @@ def _interrupted(errors: Console, store: RunStore, run_id: str) -> int:
 
 
 def _report_outcome(console: Console, outcome: job.Outcome, as_json: bool, store: RunStore) -> int:
-    from launcher.renting import machines_json, spent
+    from launcher.renting import machines_json, run_usd
 
     machines = machines_json(store, outcome.record.id)
-    rented = spent(store, outcome.record.id)
+    spent = run_usd(store, outcome.record)
     if as_json:
         console.print_json(json.dumps({"run": asdict(outcome.record), "detached": outcome.detached,
-                                       "evaluation": outcome.evaluation, "machines": machines,
-                                       "spent_usd": rented if rented is not None else _own_box_usd(outcome.record)}))
+                                       "evaluation": outcome.evaluation, "machines": machines, "spent_usd": spent}))
         return outcome.exit_code
     if outcome.detached:
         console.print(f"started run [bold]{outcome.record.id}[/] on {outcome.record.target}, detached: "
                       f"`launch attach {outcome.record.id}` follows it, `launch logs {outcome.record.id} -f` "
                       "shows its log")
         return 0
-    render_summary(console, outcome, machines, rented)
+    render_summary(console, outcome, machines, spent)
     return outcome.exit_code
 
 
-def _own_box_usd(record: RunRecord) -> float:
-    return (record.usd_per_hour or 0) * (record.elapsed_s or 0) / 3600
-
-
-def render_summary(console: Console, outcome: job.Outcome, machines: list[dict[str, Any]],
-                   rented_usd: Optional[float]) -> None:
+def render_summary(console: Console, outcome: job.Outcome, machines: list[dict[str, Any]], spent: float) -> None:
     record = outcome.record
-    spent = rented_usd if rented_usd is not None else _own_box_usd(record)
     console.rule("summary")
     colour = "green" if record.status == "done" else "red"
     console.print(f"run: {record.id}  target: {record.target}  folder: {outcome.run_dir}")
@@ -354,14 +347,12 @@ def cmd_runs(args: argparse.Namespace, store: RunStore, console: Console, errors
     table = Table(title="runs")
     for column in ("id", "status", "target", "GPU", "steps", "elapsed", "$"):
         table.add_column(column, justify="right" if column in ("steps", "elapsed", "$") else "left")
-    from launcher.renting import spent
+    from launcher.renting import run_usd
 
     for r in records:
         elapsed = (r.elapsed_s or 0) + (time.time() - r.started_at if r.started_at else 0)
-        rented = spent(store, r.id)  # rented machines: their lifetimes, not the runner's time
-        usd = rented if rented is not None else (r.usd_per_hour or 0) * elapsed / 3600
         table.add_row(r.id, r.status, r.target, r.gpu or "-", f"{r.step or 0}/{r.total_steps or '?'}",
-                      _duration(elapsed), f"{usd:.2f}")
+                      _duration(elapsed), f"{run_usd(store, r):.2f}")
     console.print(table)
     return 0
 
@@ -479,7 +470,7 @@ def cmd_down_all(args: argparse.Namespace, store: RunStore, console: Console, er
     """Every Vast.ai instance with our label, including ones no run record here knows (another
     laptop, a lost state directory): runs known here are stopped with their results pulled;
     the others are destroyed. A reply we cannot read is an error, never "nothing to do"."""
-    from launcher.providers.vast import VastProvider, instance_id_of
+    from launcher.providers.vast import VastProvider, instance_id_of, target_for
     from launcher.providers.vast_api import VastError
 
     reporter = RichReporter(console)
@@ -496,7 +487,7 @@ def cmd_down_all(args: argparse.Namespace, store: RunStore, console: Console, er
     for column in ("instance", "label", "status", "$/h", "run here"):
         table.add_column(column)
     for row in found:
-        known = runs.get(f"vast:{row['id']}")
+        known = runs.get(target_for(row["id"]))
         table.add_row(str(row["id"]), str(row.get("label")), str(row.get("actual_status")),
                       f"{float(row.get('dph_total') or 0):.3f}", f"{known.id} ({known.status})" if known else "unknown")
     console.print(table)
@@ -505,7 +496,7 @@ def cmd_down_all(args: argparse.Namespace, store: RunStore, console: Console, er
         return 0
     failed = 0
     for row in found:
-        target = f"vast:{row['id']}"
+        target = target_for(row["id"])
         known = runs.get(target)
         try:
             if known and known.status in ("starting", "running") and known.remote_dir:

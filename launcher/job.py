@@ -123,11 +123,9 @@ class Session:
         return self.record
 
     def spent_usd(self, now: Optional[float] = None) -> float:
-        """Rented machines: their $/h over their lifetimes. Own boxes: $/h over runner time."""
-        from launcher.renting import spent
+        from launcher.renting import run_usd
 
-        rented = spent(self.store, self.record.id, now)
-        return rented if rented is not None else (self.record.usd_per_hour or 0.0) * self.elapsed_s(now) / 3600
+        return run_usd(self.store, self.record, now)
 
     def elapsed_s(self, now: Optional[float] = None) -> float:
         running = (now or time.time()) - self.record.started_at if self.record.started_at else 0.0
@@ -225,14 +223,12 @@ def rent_machine(session: Session, candidates: list[Offer], reporter: Reporter) 
     except (renting.NothingRented, VastError) as e:
         raise JobError(str(e), EXIT_TARGET) from None
     session.machine = machine
-    gpu = f"{offer.gpu_count}x {offer.gpu}" if offer.gpu_count > 1 else offer.gpu
-    session.update(target=machine.name, gpu=gpu, usd_per_hour=getattr(machine, "usd_per_hour", None)
-                   or offer.usd_per_hour)
+    session.update(target=machine.name, gpu=offer.gpu_summary, usd_per_hour=machine.usd_per_hour)
 
 
 def release(session: Session, reason: str, reporter: Reporter) -> None:
     """Stop paying for a rented machine (destroy it) and close its record; own boxes: nothing."""
-    if not session.provider.owns_machines or session.record.target in ("vast",):
+    if not session.provider.owns_machines or session.record.target == "vast":  # nothing rented yet
         return
     session.store.end_machine(session.record.id, session.record.target, reason)
     try:
@@ -615,8 +611,7 @@ def attach(session: Session, reporter: Reporter) -> Outcome:
                        f"{session.record.error}); launch it again", 2)
     lost = check_rented(session, reporter)
     if lost:
-        if not recover(session, lost, reporter, force=True):
-            return Outcome(session.record, session.run_dir)
+        recover(session, lost, reporter, force=True)  # forced: it rents and resumes, or raises
         return drive(session, reporter)
     look = _probe_or_fail(session)
     if look.alive and look.exit_code is None:
@@ -682,7 +677,7 @@ def down(session: Session, reporter: Reporter) -> RunRecord:
     release the machine (a rented one is destroyed). Safe to repeat."""
     look = None
     lost = check_rented(session, reporter)
-    if session.record.remote_dir and not lost and session.record.target != "vast":
+    if session.record.remote_dir and not lost:  # (a rented run has a folder only once its machine is up)
         look = _probe_or_fail(session)
         if look.alive and look.exit_code is None and session.record.pid:
             reporter.phase("stopping the runner (it saves a checkpoint first)")

@@ -15,11 +15,12 @@ from typing import Any, Callable, Optional
 
 from launcher import offers as planning
 from launcher.config import LaunchConfig
+from launcher.providers import provider_for
 from launcher.providers.base import MachineSpec, Need, Offer, ProviderError
 from launcher.providers.vast import VastMachine, VastProvider, target_for
 from launcher.providers.vast_api import VastAuthError, VastError, api_key
-from launcher.remote import Machine, RemoteError
-from launcher.runs import MachineRecord, RunStore
+from launcher.remote import RemoteError
+from launcher.runs import MachineRecord, RunRecord, RunStore
 
 RENTABLE = ("vast",)
 PLAN_FILE = "plan.json"  # in the run folder: what a recovery needs to pick the next offer
@@ -34,15 +35,11 @@ def vast_is_configured() -> bool:
     return api_key() is not None
 
 
-def vast_provider(config: LaunchConfig, log: Callable[[str], None] = lambda text: None) -> VastProvider:
-    return VastProvider(config.resources.vast, log=log, workdir=config.resources.workdir,
-                        prebuild_venv=config.resources.python is None, min_disk_gb=config.resources.disk_gb)
-
-
-def live_need(need: planning.JobNeed, constraints: planning.Constraints, disk_gb: Optional[float]) -> Need:
-    """The provider-side filter for a job: enough memory over all GPUs, the caps, the market."""
+def live_need(need: planning.JobNeed, constraints: planning.Constraints) -> Need:
+    """The provider-side filter for a job: enough memory over all GPUs, the caps, the market
+    (the disk comes from resources, which the provider holds)."""
     return Need(gpu=constraints.gpu.name if constraints.gpu else None, gpu_count=constraints.gpu_count or 1,
-                disk_gb=disk_gb, max_usd_per_hour=constraints.max_usd_per_hour,
+                max_usd_per_hour=constraints.max_usd_per_hour,
                 interruptible=constraints.interruptible,
                 min_vram_gb=round(need.vram_gb / planning.VRAM_MARGIN, 2))
 
@@ -55,7 +52,7 @@ def market(config: LaunchConfig, need: planning.JobNeed, constraints: planning.C
     if not vast_is_configured() or (constraints.providers and "vast" not in constraints.providers):
         return catalog
     try:
-        live = vast_provider(config).offers(live_need(need, constraints, config.resources.disk_gb))
+        live = provider_for("vast", config.resources).offers(live_need(need, constraints))
     except VastError as e:
         warn(f"Vast.ai live offers unavailable ({e}); Vast.ai priced from the catalog")
         return catalog
@@ -98,7 +95,7 @@ def save_plan(run_dir: Path, constraints: planning.Constraints) -> None:
 
 
 def rent(store: RunStore, run_id: str, run_dir: Path, provider: VastProvider, candidates: list[Offer],
-         spec: MachineSpec, phase: Callable[[str], None], warn: Callable[[str], None]) -> tuple[Machine, Offer]:
+         spec: MachineSpec, phase: Callable[[str], None], warn: Callable[[str], None]) -> tuple[VastMachine, Offer]:
     """Rent the first candidate that comes up (at most resources.vast.max_offers_tried), record it
     as the run's machine. Each failure is logged with why; nothing failed is left billing."""
     saved = SavedPlan.load(run_dir)
@@ -125,8 +122,8 @@ def rent(store: RunStore, run_id: str, run_dir: Path, provider: VastProvider, ca
         assert isinstance(machine, VastMachine)
         store.add_machine(MachineRecord(run_id=run_id, target=target_for(machine.instance_id), provider="vast",
                                         usd_per_hour=machine.usd_per_hour or offer.usd_per_hour,
-                                        started_at=machine.running_since or time.time(), gpu=f"{offer.gpu_count}x {offer.gpu}"
-                                        if offer.gpu_count > 1 else offer.gpu, region=offer.region))
+                                        started_at=machine.running_since or time.time(), gpu=offer.gpu_summary,
+                                        region=offer.region))
         return machine, offer
     if not tried:
         raise NothingRented("no offer left to rent: every fitting offer was tried already; "
@@ -147,6 +144,16 @@ def spent(store: RunStore, run_id: str, now: Optional[float] = None) -> Optional
     """$ of a run's rented machines so far; None when it rented none (own boxes)."""
     machines = store.machines(run_id)
     return sum(m.usd(now) for m in machines) if machines else None
+
+
+def run_usd(store: RunStore, record: RunRecord, now: Optional[float] = None) -> float:
+    """$ of a run so far: its rented machines over their lifetimes; on an own box, the $/h the
+    user gave over the runner's time (finished segments plus the one running now)."""
+    rented = spent(store, record.id, now)
+    if rented is not None:
+        return rented
+    running = (now or time.time()) - record.started_at if record.started_at else 0.0
+    return (record.usd_per_hour or 0.0) * ((record.elapsed_s or 0.0) + running) / 3600
 
 
 def machines_json(store: RunStore, run_id: str) -> list[dict[str, Any]]:

@@ -47,6 +47,11 @@ class Offer:
     target: Optional[str] = None  # what --target says to reach it (own boxes)
     offer_id: Optional[int] = None  # the provider's id to rent it by (live offers only)
 
+    @property
+    def gpu_summary(self) -> Optional[str]:
+        """"RTX 4090", or "2x RTX 4090": how run records name a machine's GPUs."""
+        return f"{self.gpu_count}x {self.gpu}" if self.gpu_count > 1 else self.gpu
+
 
 @dataclass(frozen=True)
 class MachineSpec:
