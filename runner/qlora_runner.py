@@ -1169,6 +1169,8 @@ def make_callbacks(run: RunDir, cfg: JobConfig, stop: _StopFlag, plan: DevicePla
                     "grad_norm": logs.get("grad_norm"),
                     "tokens_per_s": round(tokens / max(now - self.last_time, 1e-9), 1),
                     "gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if plan.device == "cuda" else None,
+                    # what the caching allocator holds: the tensors' peak plus its free blocks, the figure an OOM meets
+                    "gpu_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 3) if plan.device == "cuda" else None,
                     "time": now,
                 }
                 run.append_metric(record)
@@ -1436,6 +1438,7 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag) -> int
         report["note"] = "no test split (data.splits.test is 0 and no data.test_path)"
     if plan.device == "cuda":
         report["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+        report["peak_gpu_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 3)
     report["runtime_s"] = round(time.time() - started, 1)
     write_json_atomic(run.eval_path, report)
     run.append_metric({"event": "done", "step": trainer.state.global_step})
