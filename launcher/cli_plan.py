@@ -177,5 +177,6 @@ def render_offers(console: Console, rows: list, choice: Optional[int], need: Any
                       "-" if p.est_total_usd is None else f"{p.est_total_usd:.2f}",
                       "spot" if o.interruptible else "on-demand", p.why_not or "")
     console.print(table)
-    console.print("est. hours: FLOPs / (dense TFLOP/s x 0.30), floored by memory bandwidth; * = calibrated by "
+    console.print("est. hours: FLOPs / (dense TFLOP/s x 0.60), floored by memory bandwidth, + 6.1 ms per layer and pass "
+                  "(fitted on an H100); * = calibrated by "
                   "your measured runs on that GPU. est. total: (hours + 0.25 h start-up) x $/h.", highlight=False)
