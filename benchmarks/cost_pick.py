@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from launcher import config as launch_config  # noqa: E402
-from launcher import offers  # noqa: E402
+from launcher import estimate, offers  # noqa: E402
 from launcher.catalog import catalog_dir  # noqa: E402
 from launcher.gpus import resolve  # noqa: E402
 
@@ -98,8 +98,8 @@ def main() -> None:
         print(f"{name:<38}{seq:>6}{need.vram_gb:>9.1f}  {describe(ours):<34}{ours.est_total_usd:>9.2f}"
               f"{brute:>9.2f}{ours.est_total_usd / brute:>7.2f}  {describe(pick) + fits:<36}{pick.est_total_usd:>8.2f}"
               f"{saving:>8.0%}")
-    print("\n$ are estimates: (hours + 0.25 h start-up) x $/h, hours from FLOPs at 60 % of dense peak "
-          "plus 6.1 ms per layer and pass (launcher/estimate.py); token counts are upper bounds for hub datasets (every example at max_length).")
+    print(f"\n$ are estimates: (hours + {estimate.STARTUP_HOURS:g} h start-up) x $/h, hours: {estimate.time_model_summary()} "
+          "(launcher/estimate.py); token counts are upper bounds for hub datasets (every example at max_length).")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.table import Table
 
-from launcher import job
+from launcher import estimate, job
 from launcher.config import ConfigError, LaunchConfig, load as load_config
 from launcher.errors import EXIT_NO_OFFER, EXIT_USAGE, UsageError
 from launcher.paths import DEFAULT_CONFIG
@@ -177,6 +177,5 @@ def render_offers(console: Console, rows: list, choice: Optional[int], need: Any
                       "-" if p.est_total_usd is None else f"{p.est_total_usd:.2f}",
                       "spot" if o.interruptible else "on-demand", p.why_not or "")
     console.print(table)
-    console.print("est. hours: FLOPs / (dense TFLOP/s x 0.60), floored by memory bandwidth, + 6.1 ms per layer and pass "
-                  "(fitted on an H100); * = calibrated by "
-                  "your measured runs on that GPU. est. total: (hours + 0.25 h start-up) x $/h.", highlight=False)
+    console.print(f"est. hours: {estimate.time_model_summary()}; * = calibrated by your measured runs on that GPU. "
+                  f"est. total: (hours + {estimate.STARTUP_HOURS:g} h start-up) x $/h.", highlight=False)

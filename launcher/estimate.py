@@ -232,5 +232,11 @@ def estimate_hours(facts: ModelFacts, gpu: GPU, gpu_count: int, tokens: int, seq
     return (max(compute_s, memory_s) + fixed_s) / 3600
 
 
+def time_model_summary() -> str:
+    """The uncalibrated time model in one line, for tables' footers."""
+    return (f"FLOPs / (dense TFLOP/s x {EFFICIENCY:.2f}), floored by memory bandwidth, + "
+            f"{LAYER_PASS_OVERHEAD_S * 1e3:.1f} ms per layer and pass (fitted on an H100)")
+
+
 def estimate_usd(hours: float, usd_per_hour: float) -> float:
     return (hours + STARTUP_HOURS) * usd_per_hour
