@@ -99,7 +99,7 @@ def make_plan(config: LaunchConfig, args: argparse.Namespace, store: RunStore, e
         max_total_usd=max_total if max_total is not None else config.resources.max_total_usd)
     warn = lambda text: errors.print(f"[yellow]warning:[/] {text}", highlight=False)  # noqa: E731
     found = market(config, need, constraints, warn) + ([] if renting else target_offers(config, args, errors))
-    rows, choice = offers.plan(found, need, constraints, store.measured_rates(config.job.model.base))
+    rows, choice = offers.plan(found, need, constraints, store.measured_speeds(config.job.model.base))
     return rows, choice, need, constraints
 
 

@@ -59,8 +59,10 @@ Hours: per micro-step (micro_batch * seq tokens), the matmuls' FLOPs / (dense TF
   or a T4 the FLOPs part weighs more and the model rests on their datasheet TFLOP/s.
 Dollars: (hours + STARTUP_HOURS) * $/h.
 
-These are the uncalibrated model; once runs on a GPU model have finished, their measured tokens/s
-wins (see `calibrated_tokens_per_s`)."""
+This is the uncalibrated model. Once runs of a model have finished on a GPU model, the planner
+scales it by their measured / modelled tokens/s, each run modelled at the shape it ran at
+(launcher/offers.py: speed_factor), so a speed measured at one micro batch and sequence length
+carries over to another as the model says speed changes with them."""
 
 from __future__ import annotations
 
@@ -217,19 +219,25 @@ def training_flops(facts: ModelFacts, tokens: int, seq_len: int, gradient_checkp
     return forward_per_token * tokens * passes
 
 
-def estimate_hours(facts: ModelFacts, gpu: GPU, gpu_count: int, tokens: int, seq_len: int, micro_batch: int,
-                   gradient_checkpointing: bool, tokens_per_s: Optional[float] = None) -> float:
-    """Hours on `gpu_count` x `gpu`. A measured tokens/s per GPU (calibration) wins over the model."""
-    if tokens_per_s:
-        return tokens / (tokens_per_s * gpu_count) / 3600
+def estimate_hours(facts: ModelFacts, gpu: GPU, gpu_count: int, tokens: int, seq_len: float, micro_batch: int,
+                   gradient_checkpointing: bool, speed: float = 1.0) -> float:
+    """Hours on `gpu_count` x `gpu` for `tokens` in sequences of `seq_len` tokens on average.
+    `speed`: measured over modelled tokens/s on this GPU model (calibration; 1: the model alone)."""
     compute_s = training_flops(facts, tokens, seq_len, gradient_checkpointing) / (
         gpu.tflops_dense * 1e12 * EFFICIENCY * gpu_count)
     passes = 3 if gradient_checkpointing else 2
     bytes_per_micro_step = passes * facts.linear_params * (BYTES_4BIT + 2 * COMPUTE_BYTES)
-    micro_steps = math.ceil(tokens / (micro_batch * seq_len))
+    micro_steps = math.ceil(tokens / (micro_batch * seq_len) - 1e-9)  # (a float seq_len: no ceil of 1000.0000001)
     memory_s = micro_steps * bytes_per_micro_step / (gpu.mem_bandwidth_gbs * 1e9 * gpu_count)
     fixed_s = micro_steps * passes * facts.num_layers * LAYER_PASS_OVERHEAD_S / gpu_count
-    return (max(compute_s, memory_s) + fixed_s) / 3600
+    return (max(compute_s, memory_s) + fixed_s) / 3600 / speed
+
+
+def model_tokens_per_s(facts: ModelFacts, gpu: GPU, micro_batch: int, seq_len: float,
+                       gradient_checkpointing: bool) -> float:
+    """The uncalibrated model's training tokens/s on one `gpu` at this shape."""
+    tokens = 1000 * micro_batch * seq_len
+    return tokens / (estimate_hours(facts, gpu, 1, tokens, seq_len, micro_batch, gradient_checkpointing) * 3600)
 
 
 def time_model_summary() -> str:

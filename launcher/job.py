@@ -170,6 +170,7 @@ def create_run(config: LaunchConfig, target: str, runs_dir: Path, store: RunStor
         id=run_id, config_path=str(config.path), run_dir=str(run_dir), target=target, provider=provider.name,
         gpu=config.resources.gpu, usd_per_hour=config.resources.usd_per_hour,
         identity=config.resources.ssh_identity, model=config.job.model.base,
+        micro_batch=config.job.train.micro_batch_size, gradient_checkpointing=config.job.train.gradient_checkpointing,
     ))
     machine = provider.reconnect(target, machine_spec(run_id, record.identity))
     return Session(store, record, provider, machine)
@@ -490,7 +491,8 @@ def finish(session: Session, look: Probe, reporter: Reporter, files_pulled: bool
     session.update(status=status, exit_code=code, ended_at=now, elapsed_s=elapsed,
                    started_at=None, step=look.status.get("step", session.record.step),
                    total_steps=look.status.get("total_steps", session.record.total_steps), error=error,
-                   tokens_per_s=measured_tokens_per_s(session.run_dir))
+                   tokens_per_s=measured_tokens_per_s(session.run_dir),
+                   seq_tokens=look.status.get("train_seq_tokens", session.record.seq_tokens))
     plot_losses(session.run_dir)
     return Outcome(session.record, session.run_dir, evaluation=_read_json(session.run_dir / "eval.json"),
                    samples=_read_jsonl(session.run_dir / "samples.jsonl"))

@@ -16,6 +16,7 @@ multi-GPU offer fits when the job fits the GPUs' summed memory, and takes as lon
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +26,7 @@ from launcher.config import LaunchConfig, runner_module
 from launcher.gpus import GPU, UnknownGPU, resolve
 from launcher.paths import REPO_ROOT
 from launcher.providers.base import Offer
+from launcher.runs import MeasuredSpeed
 
 CATALOG_CLOUDS = ("vast", "aws", "lambda")
 VRAM_MARGIN = 0.90  # plan to fill at most 90 % of a GPU: the estimate is an estimate
@@ -47,14 +49,17 @@ class JobNeed:
     vram_gb: float
     tokens: Optional[int]  # tokens to train on (None: unknown)
     tokens_bound: bool  # True: an upper bound (every example at data.max_length)
-    seq_len: int
+    seq_len: int  # data.max_length: what the VRAM peak is sized for
     micro_batch: int
     gradient_checkpointing: bool
     facts: estimate.ModelFacts
+    # Mean tokens per training sequence (what sets the number of steps): counted from local data,
+    # else max_length (an upper bound, like the token count).
+    seq_tokens: float = 0.0
 
     def as_json(self) -> dict[str, Any]:
         return {"vram_gb": round(self.vram_gb, 2), "tokens": self.tokens, "tokens_upper_bound": self.tokens_bound,
-                "seq_len": self.seq_len, "micro_batch": self.micro_batch,
+                "seq_len": self.seq_len, "seq_tokens": round(self.seq_tokens, 1), "micro_batch": self.micro_batch,
                 "gradient_checkpointing": self.gradient_checkpointing, "params": self.facts.total_params}
 
 
@@ -100,7 +105,15 @@ def job_need(config: LaunchConfig, example_tokens: Optional[list[int]] = None) -
     tokens, bound = training_tokens(config, example_tokens)
     return JobNeed(vram_gb=vram.total_gb, tokens=tokens, tokens_bound=bound, seq_len=job.data.max_length,
                    micro_batch=job.train.micro_batch_size, gradient_checkpointing=job.train.gradient_checkpointing,
-                   facts=facts)
+                   facts=facts, seq_tokens=sequence_tokens(config, example_tokens))
+
+
+def sequence_tokens(config: LaunchConfig, example_tokens: Optional[list[int]]) -> float:
+    """Mean tokens per training sequence: examples cut at max_length, or packed blocks (about full)."""
+    data = config.job.data
+    if not example_tokens or data.packing:
+        return float(data.max_length)
+    return sum(min(n, data.max_length) for n in example_tokens) / len(example_tokens)
 
 
 def training_tokens(config: LaunchConfig, example_tokens: Optional[list[int]]) -> tuple[Optional[int], bool]:
@@ -145,7 +158,7 @@ def catalog_offers(folder: Optional[Path] = None, clouds: tuple[str, ...] = CATA
     return offers
 
 
-def evaluate(offer: Offer, need: JobNeed, rates: Optional[dict[str, float]] = None) -> PlannedOffer:
+def evaluate(offer: Offer, need: JobNeed, measured: Optional[list[MeasuredSpeed]] = None) -> PlannedOffer:
     """Fit, hours and total $ of the job on one offer."""
     if offer.gpu is None:
         return PlannedOffer(offer, None, None, False, "no NVIDIA GPU")
@@ -157,10 +170,10 @@ def evaluate(offer: Offer, need: JobNeed, rates: Optional[dict[str, float]] = No
     hours = None
     calibrated = False
     if need.tokens is not None:
-        rate = calibrated_rate(rates or {}, gpu)
-        calibrated = rate is not None
-        hours = estimate.estimate_hours(need.facts, gpu, 1, need.tokens, need.seq_len, need.micro_batch,
-                                        need.gradient_checkpointing, tokens_per_s=rate)
+        speed = speed_factor(measured or [], gpu, need)
+        calibrated = speed is not None
+        hours = estimate.estimate_hours(need.facts, gpu, 1, need.tokens, need.seq_tokens or need.seq_len,
+                                        need.micro_batch, need.gradient_checkpointing, speed=speed or 1.0)
     total = estimate.estimate_usd(hours, offer.usd_per_hour) if hours is not None else None
     if need.vram_gb > usable:
         return PlannedOffer(offer, hours, total, False,
@@ -179,7 +192,7 @@ class Constraints:
 
 
 def plan(offers: list[Offer], need: JobNeed, constraints: Constraints,
-         rates: Optional[dict[str, float]] = None) -> tuple[list[PlannedOffer], Optional[int]]:
+         measured: Optional[list[MeasuredSpeed]] = None) -> tuple[list[PlannedOffer], Optional[int]]:
     """Every offer of the requested GPU (or every offer), evaluated and sorted by total $ (fitting
     ones first); the index of the choice, or None when nothing fits."""
     c = constraints
@@ -189,7 +202,7 @@ def plan(offers: list[Offer], need: JobNeed, constraints: Constraints,
             continue  # (a machine named with --target is always priced)
         if c.gpu is not None and _gpu_of(offer) is not c.gpu:
             continue
-        planned = evaluate(offer, need, rates)
+        planned = evaluate(offer, need, measured)
         reason = _excluded(planned, c)
         if reason:
             planned = PlannedOffer(offer, planned.est_hours, planned.est_total_usd, False, reason, planned.calibrated)
@@ -214,16 +227,27 @@ def _excluded(p: PlannedOffer, c: Constraints) -> Optional[str]:
     return None
 
 
-def calibrated_rate(measured: dict[str, float], gpu: GPU) -> Optional[float]:
-    """A measured tokens/s for this GPU model, whatever name the target's nvidia-smi gave it
-    ("NVIDIA A10G", "2x NVIDIA A10G")."""
-    for name, rate in measured.items():
-        try:
-            if resolve(name.split("x ", 1)[-1] if name[:1].isdigit() else name) is gpu:
-                return rate
-        except UnknownGPU:
+def speed_factor(measured: list[MeasuredSpeed], gpu: GPU, need: JobNeed) -> Optional[float]:
+    """Measured over modelled tokens/s of this model's finished runs on this GPU model (the median),
+    each run modelled at the shape it ran at; None without such runs. A record older than the
+    shape columns is taken at this job's shape, as if its speed were this job's."""
+    ratios = []
+    for m in measured:
+        if _smi_gpu(m.gpu) is not gpu:
             continue
-    return None
+        modelled = estimate.model_tokens_per_s(
+            need.facts, gpu, m.micro_batch or need.micro_batch, m.seq_tokens or need.seq_tokens or need.seq_len,
+            need.gradient_checkpointing if m.gradient_checkpointing is None else m.gradient_checkpointing)
+        ratios.append(m.tokens_per_s / modelled)
+    return statistics.median(ratios) if ratios else None
+
+
+def _smi_gpu(name: str) -> Optional[GPU]:
+    """The GPU model a target's nvidia-smi named ("NVIDIA A10G", "2x NVIDIA A10G")."""
+    try:
+        return resolve(name.split("x ", 1)[-1] if name[:1].isdigit() else name)
+    except UnknownGPU:
+        return None
 
 
 def _gpu_of(offer: Offer) -> Optional[GPU]:

@@ -51,6 +51,10 @@ class RunRecord:
     pulled_step: Optional[int] = None  # newest checkpoint pulled to this machine
     model: Optional[str] = None  # model.base, for calibrating later estimates
     tokens_per_s: Optional[float] = None  # measured: the median of the run's training steps
+    # The shape that speed was measured at (a step's fixed costs make tokens/s depend on it):
+    micro_batch: Optional[int] = None
+    gradient_checkpointing: Optional[bool] = None
+    seq_tokens: Optional[float] = None  # measured: mean non-padding tokens per training sequence
     gpu: Optional[str] = None
     step: Optional[int] = None
     total_steps: Optional[int] = None
@@ -87,7 +91,31 @@ class MachineRecord:
 
 _COLUMNS = [f.name for f in dataclasses.fields(RunRecord)]
 _SQL_TYPES = {"str": "TEXT", "Optional[str]": "TEXT", "int": "INTEGER", "Optional[int]": "INTEGER",
-              "float": "REAL", "Optional[float]": "REAL"}
+              "float": "REAL", "Optional[float]": "REAL", "Optional[bool]": "INTEGER"}
+
+
+@dataclass(frozen=True)
+class MeasuredSpeed:
+    """A finished run's training speed on one GPU model, and the shape it was measured at
+    (None for records written before the launcher kept the shape)."""
+
+    gpu: str  # as the target's nvidia-smi named it
+    tokens_per_s: float
+    micro_batch: Optional[int] = None
+    seq_tokens: Optional[float] = None
+    gradient_checkpointing: Optional[bool] = None
+
+
+_BOOL_FIELDS = [f.name for f in dataclasses.fields(RunRecord) if str(f.type) == "Optional[bool]"]
+
+
+def _record(row: sqlite3.Row) -> RunRecord:
+    """A row as a record; SQLite keeps booleans as 0/1."""
+    values = dict(row)
+    for name in _BOOL_FIELDS:
+        if values.get(name) is not None:
+            values[name] = bool(values[name])
+    return RunRecord(**values)
 
 
 class RunStore:
@@ -144,22 +172,20 @@ class RunStore:
         row = self._db.execute("SELECT * FROM runs WHERE id = ?", [run_id]).fetchone()
         if row is None:
             raise RunNotFound(run_id)
-        return RunRecord(**dict(row))
+        return _record(row)
 
     def list(self, limit: int = 50) -> list[RunRecord]:
         rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", [limit]).fetchall()
-        return [RunRecord(**dict(row)) for row in rows]
+        return [_record(row) for row in rows]
 
-    def measured_rates(self, model: str) -> dict[str, float]:
-        """Measured training tokens/s of finished runs of `model`, per GPU (as the target's
-        nvidia-smi named it; one GPU per run, the runner's speed does not scale with more)."""
+    def measured_speeds(self, model: str) -> list[MeasuredSpeed]:
+        """The training speeds of finished runs of `model`, oldest first (one GPU per run: the
+        runner's speed does not scale with more)."""
         rows = self._db.execute(
-            "SELECT gpu, tokens_per_s FROM runs WHERE model = ? AND status = 'done' AND gpu IS NOT NULL "
-            "AND tokens_per_s IS NOT NULL ORDER BY ended_at", [model]).fetchall()
-        rates: dict[str, list[float]] = {}
-        for row in rows:
-            rates.setdefault(row["gpu"], []).append(row["tokens_per_s"])
-        return {gpu: sorted(values)[len(values) // 2] for gpu, values in rates.items()}
+            "SELECT * FROM runs WHERE model = ? AND status = 'done' AND gpu IS NOT NULL AND tokens_per_s IS NOT NULL "
+            "ORDER BY ended_at", [model]).fetchall()
+        return [MeasuredSpeed(r.gpu, r.tokens_per_s, r.micro_batch, r.seq_tokens, r.gradient_checkpointing)
+                for r in map(_record, rows)]
 
     def add_machine(self, machine: MachineRecord) -> MachineRecord:
         values = {k: v for k, v in dataclasses.asdict(machine).items() if k != "id"}

@@ -1364,6 +1364,8 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag) -> int
     tokenizer = load_tokenizer(base, cfg.model)
 
     data = prepare_data(cfg, config_path.parent, tokenizer)
+    # Tokens per training sequence (non-padding): the launcher calibrates later estimates with it.
+    run.set_status("loading", train_seq_tokens=round(data.train.tokens / max(1, len(data.train.input_ids)), 1))
     log(f"data: {data.total_examples} examples -> train {len(data.train.input_ids)} sequences "
         f"({data.train.tokens} tokens, {data.train.trained_tokens} trained), "
         f"validation {len(data.validation.input_ids) if data.validation else 0}, test {len(data.test.input_ids) if data.test else 0}")

@@ -25,8 +25,10 @@ def test_launch_runs_the_config_locally(launcher: Launcher):
     assert "fine-tuned" in proc.stdout and "base model" in proc.stdout  # the summary table
     assert (record.status, record.exit_code, record.target, record.provider) == ("done", 0, "local", "local")
     assert (record.step, record.total_steps) == (20, 20) and record.ended_at >= record.created_at
-    # What later plans calibrate with: the model and the run's measured throughput.
+    # What later plans calibrate with: the model, the run's measured throughput and its shape.
     assert record.model == str(TINY_MODEL) and record.tokens_per_s > 0
+    assert (record.micro_batch, record.gradient_checkpointing) == (16, False) and record.gradient_checkpointing is False
+    assert record.seq_tokens == read_json(run_dir / "status.json")["train_seq_tokens"] > 0
     # The local target keeps its working folder beside the run records (QLORA_LAUNCH_HOME).
     assert Path(record.remote_dir).is_relative_to(launcher.home / "local-target")
     listed = json.loads(launcher.run("runs", "--json").stdout)

@@ -52,6 +52,7 @@ def test_training_in_4bit_lowers_the_test_loss(reference):
     assert report["test_perplexity"] == pytest.approx(2.718281828 ** report["test_loss"], rel=1e-6)
     status = read_json(out / "status.json")
     assert (status["phase"], status["step"], status["total_steps"], status["exit_code"]) == ("done", STEPS, STEPS, 0)
+    assert 8 < status["train_seq_tokens"] < 64  # the mean training sequence: short facts, max_length 64
 
 
 def test_run_directory_matches_the_contract(reference):

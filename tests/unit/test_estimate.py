@@ -94,8 +94,9 @@ def test_hours_follow_the_gpu_and_a_measured_rate_wins():
     fixed_s = -(-args["tokens"] // 2048) * 3 * facts.num_layers * estimate.LAYER_PASS_OVERHEAD_S
     assert h100 * 3600 == pytest.approx(flops / (989.5e12 * estimate.EFFICIENCY) + fixed_s)
     assert estimate.estimate_hours(facts, resolve("A10G"), 2, **args) == pytest.approx(a10g / 2)
-    assert estimate.estimate_hours(facts, resolve("A10G"), 1, tokens_per_s=1000, **{
-        k: v for k, v in args.items()}) == pytest.approx(10_000_000 / 1000 / 3600)
+    assert estimate.estimate_hours(facts, resolve("A10G"), 1, speed=2.0, **args) == pytest.approx(a10g / 2)
+    assert estimate.model_tokens_per_s(facts, resolve("A10G"), 2, 1024, True) == pytest.approx(
+        args["tokens"] / (a10g * 3600), rel=1e-3)
     assert estimate.estimate_usd(2.0, 1.5) == pytest.approx((2.0 + estimate.STARTUP_HOURS) * 1.5)
 
 

@@ -11,9 +11,10 @@ import sys
 import pytest
 
 from launcher import config as launch_config
-from launcher import offers
+from launcher import estimate, offers
 from launcher.catalog import read_rows
 from launcher.gpus import GPUS, resolve
+from launcher.runs import MeasuredSpeed
 from tests.helpers import ROOT
 
 READY = ["mistral-7b-qlora", "llama-3.1-8b-qlora", "deepseek-r1-distill-qwen-1.5b-qlora"]
@@ -85,12 +86,46 @@ def test_more_gpus_hold_more_but_do_not_go_faster():
     assert not one.fits and two.fits and two.est_hours == pytest.approx(one.est_hours)
 
 
-def test_calibrated_rates_replace_the_model():
+def test_a_measured_speed_calibrates_the_model_on_that_gpu_only():
     need = need_of("mistral-7b-qlora")
     a10g = offers.Offer("aws", None, "A10G", 1, 24, 1.0, False)
-    planned = offers.evaluate(a10g, need, {"NVIDIA A10G": 2000.0})
-    assert planned.calibrated and planned.est_hours == pytest.approx(need.tokens / 2000 / 3600)
-    assert not offers.evaluate(a10g, need, {"NVIDIA L4": 2000.0}).calibrated
+    # A record without its shape (written before the launcher kept it): its tokens/s is this job's.
+    planned = offers.evaluate(a10g, need, [MeasuredSpeed("NVIDIA A10G", 2000.0)])
+    assert planned.calibrated and planned.est_hours == pytest.approx(need.tokens / 2000 / 3600, rel=1e-3)
+    assert not offers.evaluate(a10g, need, [MeasuredSpeed("NVIDIA L4", 2000.0)]).calibrated
+    assert not offers.evaluate(a10g, need).calibrated
+
+
+def test_a_speed_measured_at_one_shape_carries_over_to_another():
+    """A step's fixed costs make tokens/s grow with the tokens per step: a run at 2 x 256 tokens
+    that ran at 1.5x the model's speed for its shape predicts 1.5x the model's speed at 2 x 1024,
+    not its own tokens/s."""
+    need = need_of("mistral-7b-qlora")  # micro batch 2, sequences up to 1024 (hub data: all at 1024)
+    a10g = offers.Offer("aws", None, "A10G", 1, 24, 1.0, False)
+    gpu = resolve("A10G")
+    short = estimate.model_tokens_per_s(need.facts, gpu, 2, 256.0, True)
+    full = estimate.model_tokens_per_s(need.facts, gpu, 2, 1024.0, True)
+    assert full > 1.5 * short  # what the H100 showed: speed grows with the tokens per step
+    measured = [MeasuredSpeed("NVIDIA A10G", 1.5 * short, micro_batch=2, seq_tokens=256.0, gradient_checkpointing=True)]
+    planned = offers.evaluate(a10g, need, measured)
+    assert planned.calibrated
+    assert need.tokens / (planned.est_hours * 3600) == pytest.approx(1.5 * full, rel=1e-3)
+    # several runs: the median of their factors
+    measured += [MeasuredSpeed("NVIDIA A10G", 1.0 * full, 2, 1024.0, True), MeasuredSpeed("NVIDIA A10G", 3.0 * full, 2, 1024.0, True)]
+    assert need.tokens / (offers.evaluate(a10g, need, measured).est_hours * 3600) == pytest.approx(1.5 * full, rel=1e-3)
+
+
+def test_short_local_examples_mean_more_steps(tmp_path):
+    """Steps, and their fixed costs, follow the mean example length, not max_length."""
+    config = launch_config.load(ROOT / "configs" / "mistral-7b-qlora.yaml")
+    short = offers.job_need(config, example_tokens=[200] * 1000)
+    assert short.seq_tokens == 200 and short.tokens == 1000 * 200 * 0.98
+    assert offers.job_need(config, example_tokens=[5000] * 10).seq_tokens == 1024  # cut at max_length
+    gpu = resolve("A10G")
+    at_mean = estimate.estimate_hours(short.facts, gpu, 1, short.tokens, 200, 2, True)
+    a10g = offers.Offer("aws", None, "A10G", 1, 24, 1.0, False)
+    assert offers.evaluate(a10g, short).est_hours == pytest.approx(at_mean)
+    assert at_mean > estimate.estimate_hours(short.facts, gpu, 1, short.tokens, 1024, 2, True)
 
 
 def launch_plan(tmp_path, *args: str) -> subprocess.CompletedProcess:

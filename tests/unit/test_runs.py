@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from launcher.job import run_status
-from launcher.runs import RunNotFound, RunRecord, RunStore, state_dir
+from launcher.runs import MeasuredSpeed, RunNotFound, RunRecord, RunStore, state_dir
 from tests.helpers import ROOT
 
 
@@ -88,13 +88,17 @@ def test_records_of_an_older_launcher_gain_the_new_columns(tmp_path):
     assert store.update("old", pulled_step=5).pulled_step == 5
 
 
-def test_measured_rates_are_the_median_of_finished_runs_per_gpu(tmp_path):
+def test_measured_speeds_are_the_finished_runs_of_the_model_with_their_shape(tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
-    for i, (gpu, rate, status) in enumerate([("NVIDIA A10G", 1000.0, "done"), ("NVIDIA A10G", 1400.0, "done"),
-                                             ("NVIDIA A10G", 1200.0, "done"), ("NVIDIA A10G", 9.0, "failed"),
+    for i, (gpu, rate, status) in enumerate([("NVIDIA A10G", 1000.0, "done"), ("NVIDIA A10G", 9.0, "failed"),
                                              ("NVIDIA L4", 800.0, "done")]):
-        store.create(RunRecord(id=f"r{i}", config_path="c", run_dir="d", target="t", model="m"))
-        store.update(f"r{i}", gpu=gpu, tokens_per_s=rate, status=status)
+        store.create(RunRecord(id=f"r{i}", config_path="c", run_dir="d", target="t", model="m", micro_batch=2,
+                               gradient_checkpointing=i == 0, ended_at=float(i)))
+        store.update(f"r{i}", gpu=gpu, tokens_per_s=rate, status=status, seq_tokens=300.5)
+    store.create(RunRecord(id="old", config_path="c", run_dir="d", target="t", model="m", ended_at=9.0))
+    store.update("old", gpu="NVIDIA L4", tokens_per_s=700.0, status="done")  # no shape: an older record
     store.create(RunRecord(id="other", config_path="c", run_dir="d", target="t", model="another"))
     store.update("other", gpu="NVIDIA L4", tokens_per_s=5.0, status="done")
-    assert store.measured_rates("m") == {"NVIDIA A10G": 1200.0, "NVIDIA L4": 800.0}
+    assert store.measured_speeds("m") == [
+        MeasuredSpeed("NVIDIA A10G", 1000.0, 2, 300.5, True), MeasuredSpeed("NVIDIA L4", 800.0, 2, 300.5, False),
+        MeasuredSpeed("NVIDIA L4", 700.0)]
