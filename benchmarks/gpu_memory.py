@@ -39,6 +39,7 @@ device peak here is at most what a 24 GB card would show, never less.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -49,7 +50,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -98,11 +99,15 @@ class Result:
     wall_s: float = 0.0
     error: Optional[str] = None
     gpu: Optional[str] = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ratio(self) -> Optional[float]:
         return self.est_vram_gb / self.device_peak_gb if self.device_peak_gb else None
+
+
+def read_job(config: str) -> dict[str, Any]:
+    """A ready config (a file name under configs/) as the YAML says it."""
+    return yaml.safe_load((ROOT / "configs" / config).read_text())
 
 
 def cases_for(configs: list[str]) -> list[Case]:
@@ -110,7 +115,7 @@ def cases_for(configs: list[str]) -> list[Case]:
     the estimate's other terms: twice the sequence length, and no gradient checkpointing."""
     base, variants = [], []
     for name in configs:
-        job = yaml.safe_load((ROOT / "configs" / name).read_text())
+        job = read_job(name)
         seq, batch = job["data"]["max_length"], job["train"]["micro_batch_size"]
         gc = job["train"]["gradient_checkpointing"]
         base.append(Case(name, seq, batch, gc))
@@ -171,7 +176,7 @@ def write_data(path: Path, examples: int, seq_len: int, seed: int = 0) -> None:
 
 
 def write_job(case: Case, model_dir: Path, data_file: Path, dest: Path, steps: int, device: str) -> None:
-    job = yaml.safe_load((ROOT / "configs" / case.config).read_text())
+    job = read_job(case.config)
     job["model"]["base"] = str(model_dir)
     job["data"] = {"path": str(data_file), "format": "instruction", "max_length": case.seq_len, "packing": False,
                    "splits": {"train": 1.0, "validation": 0.0, "test": 0.0}}
@@ -236,24 +241,19 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], Optional[str]]:
 
 
 def estimate_for(case: Case, facts: dict[str, Any], gpu_name: Optional[str]) -> tuple[float, Optional[float]]:
-    job = yaml.safe_load((ROOT / "configs" / case.config).read_text())
+    job = read_job(case.config)
     model_facts = estimate.ModelFacts.from_config(facts)
     lora = job["lora"]
     vram = estimate.estimate_vram(model_facts, micro_batch=case.micro_batch, seq_len=case.seq_len, lora_r=lora["r"],
                                   lora_dropout=lora.get("dropout", 0.05),
                                   gradient_checkpointing=case.gradient_checkpointing,
                                   double_quant=job["model"].get("double_quant", True))
-    tokens_per_s = None
-    if gpu_name:
-        try:
-            gpu = gpus.resolve(gpu_name)
-        except gpus.UnknownGPU:
-            gpu = None
-        if gpu:
-            tokens = 10_000_000
-            hours = estimate.estimate_hours(model_facts, gpu, 1, tokens, case.seq_len, case.micro_batch,
-                                            case.gradient_checkpointing)
-            tokens_per_s = tokens / (hours * 3600)
+    try:
+        gpu = gpus.resolve(gpu_name) if gpu_name else None
+    except gpus.UnknownGPU:
+        gpu = None
+    tokens_per_s = estimate.model_tokens_per_s(model_facts, gpu, case.micro_batch, case.seq_len,
+                                               case.gradient_checkpointing) if gpu else None
     return vram.total_gb, tokens_per_s
 
 
@@ -272,16 +272,13 @@ def run_case(case: Case, model_dir: Path, work: Path, steps: int, device: str, w
     cmd = [sys.executable, str(RUNNER), "--config", str(job_file), "--out", str(run_dir)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
-        if watch:
-            with watch:
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-            result.device_peak_gb = round(watch.peak_gb, 3)
-        else:
+        with watch or contextlib.nullcontext():
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         result.error = f"timed out after {timeout_s:.0f} s"
         return result
     result.wall_s = round(time.time() - started, 1)
+    result.device_peak_gb = round(watch.peak_gb, 3) if watch else None
     train, status_error = read_metrics(run_dir)
     result.steps = len(train)
     if proc.returncode != 0 or not train:
@@ -323,7 +320,7 @@ def report(files: list[Path]) -> int:
         results = []
         for saved in json.loads(file.read_text()):
             case = Case(**saved["case"])
-            job = yaml.safe_load((ROOT / "configs" / case.config).read_text())
+            job = read_job(case.config)
             est_vram, est_tps = estimate_for(case, model_facts_dict(job["model"]["base"], False), saved["gpu"])
             fields = {k: saved[k] for k in ("ok", "device_peak_gb", "alloc_gb", "reserved_gb", "tokens_per_s", "steps",
                                             "wall_s", "error", "gpu")}
@@ -375,10 +372,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = time.time()
     results: list[Result] = []
     by_model: dict[str, list[Case]] = {}
-    for case in cases:  # one model build per base model, cases in the order given within it
-        by_model.setdefault(yaml.safe_load((ROOT / "configs" / case.config).read_text())["model"]["base"], []).append(case)
-    order = sorted(by_model.items(), key=lambda kv: min(cases.index(c) for c in kv[1]))
-    for base, model_cases in order:
+    for case in cases:  # one model build per base model, models in the order of their first case
+        by_model.setdefault(read_job(case.config)["model"]["base"], []).append(case)
+    for base, model_cases in by_model.items():
         if args.budget_s and time.time() - started > args.budget_s:
             print(f"budget of {args.budget_s:.0f} s spent: {base} skipped", flush=True)
             continue
@@ -388,15 +384,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         try:
             t0 = time.time()
             model_dir = work / "model"
-            make_model(dict(facts), model_dir, device, max(c.seq_len for c in model_cases))
+            make_model(facts, model_dir, device, max(c.seq_len for c in model_cases))
             print(f"{base}: random-weight model built and saved in {time.time() - t0:.0f} s ({work})", flush=True)
             for case in model_cases:
                 if args.budget_s and time.time() - started > args.budget_s:
                     print(f"budget of {args.budget_s:.0f} s spent: {case.name} skipped", flush=True)
                     continue
-                facts_for_estimate = dict(facts)
-                result = run_case(case, model_dir, work, args.steps, device, watch, facts_for_estimate,
-                                  args.case_timeout_s)
+                result = run_case(case, model_dir, work, args.steps, device, watch, facts, args.case_timeout_s)
                 results.append(result)
                 print(f"{case.name}: {'ok' if result.ok else 'FAILED ' + str(result.error)} in {result.wall_s} s; "
                       f"peak {result.device_peak_gb} GB (est {result.est_vram_gb:.2f}), {result.tokens_per_s} tok/s",

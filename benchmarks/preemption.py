@@ -133,7 +133,7 @@ def projection(preemptions: int, recover_s: float, redone_steps: float) -> str:
     best = fitting[0]
     hours = best.est_hours
     train = config.job.train
-    steps = train.max_steps or max(1, need.tokens // (train.micro_batch_size * train.grad_accum * need.seq_len))
+    steps = train.max_steps or max(1, int(need.tokens // (train.micro_batch_size * train.grad_accum * need.seq_tokens)))
     spot = best.offer.usd_per_hour * 0.55  # the fake's (and roughly Vast's) minimum bid share
     per_step_h = hours / steps
     extra_h = preemptions * (recover_s / 3600 + redone_steps * per_step_h)

@@ -55,7 +55,7 @@ class JobNeed:
     facts: estimate.ModelFacts
     # Mean tokens per training sequence (what sets the number of steps): counted from local data,
     # else max_length (an upper bound, like the token count).
-    seq_tokens: float = 0.0
+    seq_tokens: float
 
     def as_json(self) -> dict[str, Any]:
         return {"vram_gb": round(self.vram_gb, 2), "tokens": self.tokens, "tokens_upper_bound": self.tokens_bound,
@@ -172,7 +172,7 @@ def evaluate(offer: Offer, need: JobNeed, measured: Optional[list[MeasuredSpeed]
     if need.tokens is not None:
         speed = speed_factor(measured or [], gpu, need)
         calibrated = speed is not None
-        hours = estimate.estimate_hours(need.facts, gpu, 1, need.tokens, need.seq_tokens or need.seq_len,
+        hours = estimate.estimate_hours(need.facts, gpu, 1, need.tokens, need.seq_tokens,
                                         need.micro_batch, need.gradient_checkpointing, speed=speed or 1.0)
     total = estimate.estimate_usd(hours, offer.usd_per_hour) if hours is not None else None
     if need.vram_gb > usable:
@@ -236,7 +236,7 @@ def speed_factor(measured: list[MeasuredSpeed], gpu: GPU, need: JobNeed) -> Opti
         if _smi_gpu(m.gpu) is not gpu:
             continue
         modelled = estimate.model_tokens_per_s(
-            need.facts, gpu, m.micro_batch or need.micro_batch, m.seq_tokens or need.seq_tokens or need.seq_len,
+            need.facts, gpu, m.micro_batch or need.micro_batch, m.seq_tokens or need.seq_tokens,
             need.gradient_checkpointing if m.gradient_checkpointing is None else m.gradient_checkpointing)
         ratios.append(m.tokens_per_s / modelled)
     return statistics.median(ratios) if ratios else None
