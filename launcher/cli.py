@@ -350,9 +350,8 @@ def cmd_runs(args: argparse.Namespace, store: RunStore, console: Console, errors
     from launcher.renting import run_usd
 
     for r in records:
-        elapsed = (r.elapsed_s or 0) + (time.time() - r.started_at if r.started_at else 0)
         table.add_row(r.id, r.status, r.target, r.gpu or "-", f"{r.step or 0}/{r.total_steps or '?'}",
-                      _duration(elapsed), f"{run_usd(store, r):.2f}")
+                      _duration(r.runner_seconds()), f"{run_usd(store, r):.2f}")
     console.print(table)
     return 0
 
@@ -368,7 +367,7 @@ def cmd_status(args: argparse.Namespace, store: RunStore, console: Console, erro
                     "checkpoints_on_target": look.complete_steps}
         except RemoteError as e:
             live = {"unreachable": str(e)}
-    if session.provider.owns_machines and session.record.target != "vast":
+    if session.holds_rented_machine:
         # Is it still billing? The provider's word, whatever the run's record says.
         live["machine_state"] = session.provider.state(session.machine)
     from launcher.renting import machines_json, spent
@@ -506,7 +505,7 @@ def cmd_down_all(args: argparse.Namespace, store: RunStore, console: Console, er
                 if known:
                     store.end_machine(known.id, target, "stopped")
             console.print(f"{target}: destroyed" + (f" (run {known.id})" if known else " (unknown to the run records)"))
-        except (job.JobError, VastError, RemoteError, Exception) as e:  # noqa: BLE001  (the next one still goes)
+        except Exception as e:  # noqa: BLE001  (whatever went wrong with one, the next one still goes)
             failed += 1
             errors.print(f"[red]error:[/] {target}: {e}", highlight=False)
     return EXIT_TARGET if failed else 0

@@ -128,8 +128,14 @@ class Session:
         return run_usd(self.store, self.record, now)
 
     def elapsed_s(self, now: Optional[float] = None) -> float:
-        running = (now or time.time()) - self.record.started_at if self.record.started_at else 0.0
-        return (self.record.elapsed_s or 0.0) + (running if self.record.status in ("starting", "running") else 0.0)
+        if self.record.status in ("starting", "running"):
+            return self.record.runner_seconds(now)
+        return self.record.elapsed_s or 0.0
+
+    @property
+    def holds_rented_machine(self) -> bool:
+        """A rented instance is under this run (a rented run names `vast` until one is up)."""
+        return self.provider.owns_machines and self.record.target != "vast"
 
 
 def new_run_id(config: Path) -> str:
@@ -199,10 +205,7 @@ def launch(session: Session, config: LaunchConfig, reporter: Reporter, *, detach
                            ended_at=time.time())
         raise
     except (RemoteError, JobError, ProviderError) as e:
-        release(session, "failed", reporter)
-        session.update(status="failed", error=str(e), ended_at=time.time(),
-                       exit_code=getattr(e, "exit_code", EXIT_TARGET))
-        raise JobError(str(e), getattr(e, "exit_code", EXIT_TARGET)) from None
+        raise failed_to_start(session, e, reporter) from None
     except Exception as e:
         release(session, "failed", reporter)
         session.update(status="failed", error=f"{type(e).__name__}: {e}", ended_at=time.time())
@@ -210,6 +213,14 @@ def launch(session: Session, config: LaunchConfig, reporter: Reporter, *, detach
     if detach:
         return Outcome(session.record, session.run_dir, detached=True)
     return drive(session, reporter)
+
+
+def failed_to_start(session: Session, e: Exception, reporter: Reporter) -> JobError:
+    """The runner did not start: release a rented machine, record the failure; the error to raise."""
+    release(session, "failed", reporter)
+    code = getattr(e, "exit_code", EXIT_TARGET)
+    session.update(status="failed", error=str(e), ended_at=time.time(), exit_code=code)
+    return JobError(str(e), code)
 
 
 def rent_machine(session: Session, candidates: list[Offer], reporter: Reporter) -> None:
@@ -227,11 +238,11 @@ def rent_machine(session: Session, candidates: list[Offer], reporter: Reporter) 
     session.update(target=machine.name, gpu=offer.gpu_summary, usd_per_hour=machine.usd_per_hour)
 
 
-def release(session: Session, reason: str, reporter: Reporter) -> None:
+def release(session: Session, reason: str, reporter: Reporter, when: Optional[float] = None) -> None:
     """Stop paying for a rented machine (destroy it) and close its record; own boxes: nothing."""
-    if not session.provider.owns_machines or session.record.target == "vast":  # nothing rented yet
+    if not session.holds_rented_machine:
         return
-    session.store.end_machine(session.record.id, session.record.target, reason)
+    session.store.end_machine(session.record.id, session.record.target, reason, when)
     try:
         session.provider.terminate(session.machine)
     except (ProviderError, VastError) as e:
@@ -261,13 +272,9 @@ def recover(session: Session, state: str, reporter: Reporter, *, force: bool = F
 
     now = time.time()
     lost = session.record.target
-    session.store.end_machine(session.record.id, lost, state, now)
     reporter.warn(f"{lost} was {state} at step {session.record.step}; the newest checkpoint here is "
                   f"checkpoint-{session.record.pulled_step}")
-    try:
-        session.provider.terminate(session.machine)
-    except (ProviderError, VastError) as e:
-        reporter.warn(str(e))
+    release(session, state, reporter, when=now)
     session.update(status="preempted", elapsed_s=session.elapsed_s(now), started_at=None, ended_at=now,
                    exit_code=143, error=f"{lost} was {state}; `launch resume {session.record.id}` continues on "
                                         "the next offer")
@@ -282,10 +289,7 @@ def recover(session: Session, state: str, reporter: Reporter, *, force: bool = F
         session.update(status="starting", remote_dir=f"{workdir}/runs/{session.record.id}")
         start_runner(session, config, workdir, reporter, resume=True)
     except (RemoteError, JobError) as e:
-        release(session, "failed", reporter)
-        session.update(status="failed", error=str(e), ended_at=time.time(),
-                       exit_code=getattr(e, "exit_code", EXIT_TARGET))
-        raise JobError(str(e), getattr(e, "exit_code", EXIT_TARGET)) from None
+        raise failed_to_start(session, e, reporter) from None
     return True
 
 
@@ -398,6 +402,14 @@ def probe(session: Session) -> Probe:
                  complete_steps=steps, status=status_json)
 
 
+def raise_if_lost(session: Session) -> None:
+    """MachineLost when the provider says a rented machine under the run is preempted, gone or stopped."""
+    if session.provider.owns_machines:
+        machine_state = session.provider.state(session.machine)
+        if machine_state in LOST_STATES:
+            raise MachineLost(machine_state) from None
+
+
 def follow_run(session: Session, reporter: Reporter) -> Outcome:
     """Stream metrics until the runner ends, pulling each new complete checkpoint; then the
     final pull. Survives dropped connections; after LOST_AFTER_S without an answer it stops
@@ -409,10 +421,7 @@ def follow_run(session: Session, reporter: Reporter) -> Outcome:
         try:
             look = probe(session)
         except RemoteError as e:
-            if session.provider.owns_machines:
-                machine_state = session.provider.state(session.machine)
-                if machine_state in LOST_STATES:
-                    raise MachineLost(machine_state) from None
+            raise_if_lost(session)
             if not state["warned"]:
                 reporter.warn(f"lost contact with {session.machine.name} ({e}); retrying")
                 state["warned"] = True
@@ -426,12 +435,10 @@ def follow_run(session: Session, reporter: Reporter) -> Outcome:
             session.update(step=look.status.get("step"), total_steps=state["total"])
         pull_new_checkpoints(session, look.complete_steps, reporter)
         if look.exit_code is not None or not look.alive:
-            if session.provider.owns_machines and look.exit_code != 0:
+            if look.exit_code != 0:
                 # Killed as its machine went down (we may look in during the shutdown): the
                 # provider tells a lost machine from a runner that died on a healthy one.
-                machine_state = session.provider.state(session.machine)
-                if machine_state in LOST_STATES:
-                    raise MachineLost(machine_state)
+                raise_if_lost(session)
             state["done"] = look
 
     def show(line: str) -> None:
@@ -591,7 +598,7 @@ def push_checkpoint_if_lost(session: Session, reporter: Reporter) -> None:
 def check_rented(session: Session, reporter: Reporter) -> Optional[str]:
     """A rented machine as it is now: stopped (by its watchdog) -> started again, so what it
     holds can be pulled; preempted or gone -> that state is returned. None: reachable."""
-    if not session.provider.owns_machines or session.record.target == "vast":
+    if not session.holds_rented_machine:
         return None
     state = session.provider.state(session.machine)
     if state == "stopped":
@@ -611,10 +618,9 @@ def attach(session: Session, reporter: Reporter) -> Outcome:
     if session.record.remote_dir is None:
         raise JobError(f"run {session.record.id} never started on its target ({session.record.status}: "
                        f"{session.record.error}); launch it again", 2)
-    lost = check_rented(session, reporter)
-    if lost:
-        recover(session, lost, reporter, force=True)  # forced: it rents and resumes, or raises
-        return drive(session, reporter)
+    moved = resume_elsewhere_if_lost(session, reporter)
+    if moved:
+        return moved
     look = _probe_or_fail(session)
     if look.alive and look.exit_code is None:
         reporter.started(session.record)
@@ -622,6 +628,19 @@ def attach(session: Session, reporter: Reporter) -> Outcome:
     if look.exit_code is None or look.exit_code in RESUMABLE_EXIT_CODES:
         reporter.warn(f"the runner is not running (exit code {look.exit_code}); resuming from the newest checkpoint")
         return resume(session, reporter)
+    return finish_and_release(session, look, reporter)
+
+
+def resume_elsewhere_if_lost(session: Session, reporter: Reporter) -> Optional[Outcome]:
+    """A run whose rented machine is lost: rent the next offer, resume and follow it there."""
+    lost = check_rented(session, reporter)
+    if not lost:
+        return None
+    recover(session, lost, reporter, force=True)  # forced: it rents and resumes, or raises
+    return drive(session, reporter)
+
+
+def finish_and_release(session: Session, look: Probe, reporter: Reporter) -> Outcome:
     outcome = finish(session, look, reporter)
     release(session, outcome.record.status, reporter)
     return outcome
@@ -636,10 +655,9 @@ def resume(session: Session, reporter: Reporter) -> Outcome:
         raise JobError(f"run {record.id} is done; nothing to resume", 2)
     if record.status not in RESUMABLE and record.status != "failed":
         raise JobError(f"run {record.id} is {record.status}; it cannot be resumed", 2)
-    lost = check_rented(session, reporter)
-    if lost:
-        recover(session, lost, reporter, force=True)
-        return drive(session, reporter)
+    moved = resume_elsewhere_if_lost(session, reporter)
+    if moved:
+        return moved
     config = load_config(session.run_dir / LOCAL_CONFIG)
     try:
         session.machine.ensure_connected()
@@ -650,9 +668,7 @@ def resume(session: Session, reporter: Reporter) -> Outcome:
                 reporter.started(record)
                 return drive(session, reporter)
             if look.exit_code == 0:
-                outcome = finish(session, look, reporter)
-                release(session, outcome.record.status, reporter)
-                return outcome
+                return finish_and_release(session, look, reporter)
         workdir = resolve_workdir(session.machine, config.resources.workdir or session.provider.default_workdir())
         session.update(status="starting", remote_dir=f"{workdir}/runs/{record.id}")
         start_runner(session, config, workdir, reporter, resume=True)

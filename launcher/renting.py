@@ -152,8 +152,7 @@ def run_usd(store: RunStore, record: RunRecord, now: Optional[float] = None) -> 
     rented = spent(store, record.id, now)
     if rented is not None:
         return rented
-    running = (now or time.time()) - record.started_at if record.started_at else 0.0
-    return (record.usd_per_hour or 0.0) * ((record.elapsed_s or 0.0) + running) / 3600
+    return (record.usd_per_hour or 0.0) * record.runner_seconds(now) / 3600
 
 
 def machines_json(store: RunStore, run_id: str) -> list[dict[str, Any]]:

@@ -65,6 +65,11 @@ class RunRecord:
     updated_at: float = 0.0
     ended_at: Optional[float] = None
 
+    def runner_seconds(self, now: Optional[float] = None) -> float:
+        """The runner's time: its finished segments, plus the one running since started_at."""
+        running = (now or time.time()) - self.started_at if self.started_at else 0.0
+        return (self.elapsed_s or 0.0) + running
+
 
 @dataclass(frozen=True)
 class MachineRecord:

@@ -237,15 +237,10 @@ class VastProvider(Provider):
     def _reach(self, instance_id: int, row: dict[str, Any], spec: MachineSpec, identity: Path) -> VastMachine:
         """The direct port first, then Vast's SSH proxy, until one answers or ssh_timeout_s."""
         deadline = time.monotonic() + self.settings.ssh_timeout_s
-        last: Optional[Exception] = None
         while True:
-            for address in ssh_addresses(row):
-                machine = VastMachine(instance_id, address, ssh_options(spec, identity))
-                try:
-                    machine.ensure_connected()
-                    return machine
-                except Unreachable as e:
-                    last = e
+            machine, last = first_answering(instance_id, ssh_addresses(row), ssh_options(spec, identity))
+            if machine:
+                return machine
             if time.monotonic() > deadline:
                 raise ProviderError(f"instance {instance_id}: SSH did not answer within "
                                     f"{self.settings.ssh_timeout_s:.0f} s ({last})")
@@ -264,14 +259,8 @@ class VastProvider(Provider):
         except VastError:
             row = None
         addresses = ssh_addresses(row) if row and row.get("actual_status") == "running" else []
-        for address in addresses:
-            machine = VastMachine(instance_id, address, ssh_options(spec, identity))
-            try:
-                machine.ensure_connected()
-                return machine
-            except Unreachable:
-                continue
-        return VastMachine(instance_id, addresses[0] if addresses else None, ssh_options(spec, identity))
+        machine, _ = first_answering(instance_id, addresses, ssh_options(spec, identity))
+        return machine or VastMachine(instance_id, addresses[0] if addresses else None, ssh_options(spec, identity))
 
     def state(self, machine: Machine) -> MachineState:
         try:
@@ -344,14 +333,30 @@ def map_state(row: Optional[dict[str, Any]]) -> MachineState:
 
 
 def ssh_addresses(row: Optional[dict[str, Any]]) -> list[SSHAddress]:
+    """The direct port first (when mapped), then Vast's SSH proxy."""
+    row = row or {}
     user = os.environ.get(SSH_USER_ENV, "root")
     out = []
-    mapped = ((row or {}).get("ports") or {}).get("22/tcp") or []
-    if mapped and (row or {}).get("public_ipaddr"):
+    mapped = (row.get("ports") or {}).get("22/tcp") or []
+    if mapped and row.get("public_ipaddr"):
         out.append(SSHAddress(host=str(row["public_ipaddr"]).strip(), user=user, port=int(mapped[0]["HostPort"])))
-    if (row or {}).get("ssh_host") and (row or {}).get("ssh_port"):
+    if row.get("ssh_host") and row.get("ssh_port"):
         out.append(SSHAddress(host=str(row["ssh_host"]).strip(), user=user, port=int(row["ssh_port"])))
     return out
+
+
+def first_answering(instance_id: int, addresses: list[SSHAddress],
+                    options: SSHOptions) -> tuple[Optional[VastMachine], Optional[Exception]]:
+    """The instance connected at the first address that answers, else None and the last error."""
+    last: Optional[Exception] = None
+    for address in addresses:
+        machine = VastMachine(instance_id, address, options)
+        try:
+            machine.ensure_connected()
+            return machine, None
+        except Unreachable as e:
+            last = e
+    return None, last
 
 
 def ssh_options(spec: MachineSpec, identity: Path) -> SSHOptions:
