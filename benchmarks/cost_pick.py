@@ -34,19 +34,23 @@ CONFIGS = ["mistral-7b-qlora", "llama-3.1-8b-qlora", "deepseek-r1-distill-qwen-1
 SEQ_LENS = (1024, 4096)
 
 
-def named_gpu(market: list[offers.Offer], need: offers.JobNeed) -> str:
+def named_gpu(evaluated: list[offers.PlannedOffer], need: offers.JobNeed) -> str:
     """The catalog name of the smallest GPU that holds the job by its spec sheet (the name's
     nominal memory, as a user reading specs would choose), then the cheapest $/h."""
-    fitting = [p for p in (offers.evaluate(o, need) for o in market) if p.fits and p.offer.gpu_count == 1
+    fitting = [p for p in evaluated if p.fits and p.offer.gpu_count == 1
                and resolve(p.offer.gpu).vram_gb * offers.VRAM_MARGIN >= need.vram_gb]
     return min(fitting, key=lambda p: (resolve(p.offer.gpu).vram_gb, p.offer.usd_per_hour)).offer.gpu
 
 
-def rule_pick(market: list[offers.Offer], need: offers.JobNeed, name: str) -> offers.PlannedOffer:
+def rule_pick(evaluated: list[offers.PlannedOffer], name: str) -> offers.PlannedOffer:
     """SkyPilot's rule on our offers: the cheapest $/h single-GPU offer of that name that fits."""
-    same = [p for p in (offers.evaluate(o, need) for o in market)
-            if p.fits and p.offer.gpu_count == 1 and p.offer.gpu == name]
+    same = [p for p in evaluated if p.fits and p.offer.gpu_count == 1 and p.offer.gpu == name]
     return min(same, key=lambda p: p.offer.usd_per_hour)
+
+
+def describe(p: offers.PlannedOffer) -> str:
+    return f"{p.offer.gpu_count}x {p.offer.gpu} {p.offer.provider} " \
+           f"{'spot' if p.offer.interruptible else 'od'} ${p.offer.usd_per_hour:.3f}/h"
 
 
 def sky_picks(sky_python: str, names: list[str]) -> dict[str, dict]:
@@ -78,22 +82,20 @@ def main() -> None:
         base = launch_config.load(ROOT / "configs" / f"{name}.yaml")
         for seq in SEQ_LENS:
             job = dataclasses.replace(base.job, data=dataclasses.replace(base.job.data, max_length=seq))
-            cases.append((name, seq, offers.job_need(dataclasses.replace(base, job=job))))
-    names = {case: named_gpu(market, case[2]) for case in cases}
+            need = offers.job_need(dataclasses.replace(base, job=job))
+            cases.append((name, seq, need, [offers.evaluate(o, need) for o in market]))  # every offer, once
+    names = {case[:2]: named_gpu(case[3], case[2]) for case in cases}
     skies = sky_picks(args.sky_python, sorted(set(names.values()))) if args.sky_python else {}
     header = (f"{'config':<38}{'seq':>6}{'VRAM GB':>9}  {'ours: offer':<34}{'ours $':>9}{'brute $':>9}{'ratio':>7}"
               f"  {'SkyPilot pick (named GPU)':<36}{'its $':>8}{'saving':>8}")
     print(header)
-    for case in cases:
-        name, seq, need = case
-        rows, choice = offers.plan(market, need, offers.Constraints())
+    for name, seq, need, evaluated in cases:
+        rows, choice = offers.plan(market, need, offers.Constraints())  # what `launch plan` does, as it does it
         ours = rows[choice]
-        brute = min(p.est_total_usd for p in (offers.evaluate(o, need) for o in market) if p.fits)
-        gpu_name = names[case]
-        pick = as_planned(market, need, skies[gpu_name]) if skies else rule_pick(market, need, gpu_name)
+        brute = min(p.est_total_usd for p in evaluated if p.fits)
+        gpu_name = names[(name, seq)]
+        pick = as_planned(market, need, skies[gpu_name]) if skies else rule_pick(evaluated, gpu_name)
         fits = "" if pick.fits else " (does not fit!)"
-        describe = lambda p: f"{p.offer.gpu_count}x {p.offer.gpu} {p.offer.provider} " \
-                             f"{'spot' if p.offer.interruptible else 'od'} ${p.offer.usd_per_hour:.3f}/h"  # noqa: E731
         saving = 1 - ours.est_total_usd / pick.est_total_usd
         print(f"{name:<38}{seq:>6}{need.vram_gb:>9.1f}  {describe(ours):<34}{ours.est_total_usd:>9.2f}"
               f"{brute:>9.2f}{ours.est_total_usd / brute:>7.2f}  {describe(pick) + fits:<36}{pick.est_total_usd:>8.2f}"
