@@ -28,7 +28,7 @@ import yaml
 
 from launcher import sync
 from launcher.config import LaunchConfig, load as load_config, runner_module
-from launcher.paths import REPO_ROOT, RUNNER_FILE
+from launcher.paths import CLUSTER_TEMPLATES, RUNNER_FILE, RUNNER_REQUIREMENTS
 from launcher.errors import EXIT_ENVIRONMENT, EXIT_TARGET
 from launcher.preflight import resolve_workdir
 from launcher.providers import provider_for
@@ -43,8 +43,7 @@ REMOTE_CONFIG = "job.yaml"  # what the runner reads on the target
 POLL_S = 2.0  # status/checkpoint probe interval while following
 LOST_AFTER_S = 300.0  # no answer from the target for this long: give up following (the job may live on)
 STOP_GRACE_S = 120.0  # `down`: time the runner gets to checkpoint after SIGTERM
-BOOTSTRAP_FILES = (REPO_ROOT / "cluster_templates" / "bootstrap.sh", REPO_ROOT / "cluster_templates" / "stack_check.py",
-                   RUNNER_FILE.parent / "requirements.txt")
+BOOTSTRAP_FILES = (CLUSTER_TEMPLATES / "bootstrap.sh", CLUSTER_TEMPLATES / "stack_check.py", RUNNER_REQUIREMENTS)
 # Runner exit codes after which `resume` can continue: killed (137), SIGTERM (143), SIGINT (130).
 RESUMABLE_EXIT_CODES = (130, 137, 143)
 

@@ -24,13 +24,12 @@ from typing import Any, Optional
 from launcher import catalog, estimate
 from launcher.config import LaunchConfig, runner_module
 from launcher.gpus import GPU, UnknownGPU, resolve
-from launcher.paths import REPO_ROOT
+from launcher.paths import SHIPPED_CATALOGS
 from launcher.providers.base import Offer
 from launcher.runs import MeasuredSpeed
 
 CATALOG_CLOUDS = ("vast", "aws", "lambda")
 VRAM_MARGIN = 0.90  # plan to fill at most 90 % of a GPU: the estimate is an estimate
-SHIPPED_CATALOGS = REPO_ROOT / "catalogs"
 # Training examples of the ready configs' hub datasets (their dataset cards), so planning works
 # offline: (id, subset, split) -> examples.
 HUB_DATASET_EXAMPLES = {

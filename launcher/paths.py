@@ -1,4 +1,6 @@
-"""Where the launcher finds the runner, the embedded default config and the runs folder."""
+"""Where the launcher finds what it ships: the runner, the cluster templates, the price catalogs
+and the ready configs (the embedded default among them). Every other module asks here, so how
+these files travel (a clone, an editable install, a wheel) is decided in this one place."""
 
 from __future__ import annotations
 
@@ -9,9 +11,13 @@ from typing import Any
 import runner
 
 RUNNER_FILE = Path(runner.__file__).resolve().parent / "qlora_runner.py"
+RUNNER_REQUIREMENTS = RUNNER_FILE.parent / "requirements.txt"
 REPO_ROOT = RUNNER_FILE.parent.parent
-# The embedded default job: the tiny CPU config that ships with the repository.
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny-cpu.yaml"
+CLUSTER_TEMPLATES = REPO_ROOT / "cluster_templates"  # what goes to the targets: bootstrap, watchdog
+SHIPPED_CATALOGS = REPO_ROOT / "catalogs"  # SkyPilot price catalog snapshots (v8/<cloud>/vms.csv)
+CONFIGS = REPO_ROOT / "configs"  # the ready configs
+# The embedded default job: the tiny CPU config.
+DEFAULT_CONFIG = CONFIGS / "tiny-cpu.yaml"
 
 
 def runner_module() -> Any:
@@ -19,5 +25,4 @@ def runner_module() -> Any:
     if str(RUNNER_FILE.parent) not in sys.path:
         sys.path.insert(0, str(RUNNER_FILE.parent))
     import qlora_runner
-
     return qlora_runner

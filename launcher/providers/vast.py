@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from launcher.config import VastSettings
-from launcher.paths import REPO_ROOT
+from launcher.paths import CLUSTER_TEMPLATES, RUNNER_REQUIREMENTS
 from launcher.providers.base import MachineSpec, MachineState, Need, Offer, Provider, ProviderError
 from launcher.providers.vast_api import (
     VastAPI, VastAuthError, VastBadReply, VastError, VastRateLimited, VastServerError,
@@ -37,9 +37,9 @@ from launcher.remote import Machine, SSHAddress, SSHMachine, SSHOptions, Unreach
 from launcher.runs import state_dir
 
 LABEL_PREFIX = "qlora-launch:"
-WATCHDOG = REPO_ROOT / "cluster_templates" / "vast_watchdog.py"
-BOOTSTRAP = REPO_ROOT / "cluster_templates" / "bootstrap.sh"
-REQUIREMENTS = REPO_ROOT / "runner" / "requirements.txt"
+WATCHDOG = CLUSTER_TEMPLATES / "vast_watchdog.py"
+BOOTSTRAP = CLUSTER_TEMPLATES / "bootstrap.sh"
+REQUIREMENTS = RUNNER_REQUIREMENTS
 ONSTART_LIMIT = 4048  # characters Vast accepts in `onstart`
 # Vast containers log in as root; the fake's instances are sshd's run as the test's own user.
 SSH_USER_ENV = "QLORA_LAUNCH_VAST_SSH_USER"
