@@ -28,7 +28,7 @@ from rich.table import Table
 
 from launcher import __version__, job
 from launcher.config import ConfigError, LaunchConfig, load as load_config
-from launcher.paths import DEFAULT_CONFIG, find_config
+from launcher.paths import DEFAULT_CONFIG
 from launcher.preflight import (
     PreflightReport, check_data, check_model, check_target, check_tools, needed_disk_gb,
 )
@@ -141,7 +141,7 @@ def _fail(errors: Console, e: BaseException, code: int, debug: bool) -> int:
 
 
 def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
-    config_path = find_config(args.config) if args.config else DEFAULT_CONFIG
+    config_path = args.config or DEFAULT_CONFIG
     if not config_path.is_file():
         raise UsageError(f"config file {config_path} not found; pass --config PATH")
     if args.config is None and not args.json:
