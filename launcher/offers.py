@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from launcher import catalog, estimate
+from launcher import catalog, dataset_lengths, estimate
 from launcher.config import LaunchConfig, runner_module
 from launcher.gpus import GPU, UnknownGPU, resolve
 from launcher.paths import SHIPPED_CATALOGS
@@ -31,12 +31,8 @@ from launcher.runs import MeasuredSpeed
 CATALOG_CLOUDS = ("vast", "aws", "lambda")
 VRAM_MARGIN = 0.90  # plan to fill at most 90 % of a GPU: the estimate is an estimate
 # Training examples of the ready configs' hub datasets (their dataset cards), so planning works
-# offline: (id, subset, split) -> examples.
-HUB_DATASET_EXAMPLES = {
-    ("yahma/alpaca-cleaned", None, "train"): 51_760,
-    ("HuggingFaceH4/ultrachat_200k", None, "train_sft"): 207_865,
-    ("openai/gsm8k", "main", "train"): 7_473,
-}
+# offline: (id, subset, split) -> examples. Kept in launcher/dataset_facts.json with their lengths.
+HUB_DATASET_EXAMPLES = dataset_lengths.hub_examples()
 
 
 class NoFittingOffer(Exception):
@@ -52,14 +48,21 @@ class JobNeed:
     micro_batch: int
     gradient_checkpointing: bool
     facts: estimate.ModelFacts
-    # Mean tokens per training sequence (what sets the number of steps): counted from local data,
-    # else max_length (an upper bound, like the token count).
+    # Mean tokens per training sequence (what sets the number of steps): from the examples' lengths
+    # (dataset_lengths.py: local data, the shipped statistics, a hub sample), else max_length (an
+    # upper bound, like the token count).
     seq_tokens: float
+    # Where the lengths behind tokens and seq_tokens come from, in words: "local data (model
+    # tokenizer)", "local data (~4 chars/token)", "shipped statistics of <dataset> (<tokenizer>)",
+    # "<n> hub rows sampled (...)", "max_length (upper bound)".
+    lengths_source: str
+    lengths_warning: Optional[str] = None  # why a better source of lengths failed (a hub sample)
 
     def as_json(self) -> dict[str, Any]:
         return {"vram_gb": round(self.vram_gb, 2), "tokens": self.tokens, "tokens_upper_bound": self.tokens_bound,
                 "seq_len": self.seq_len, "seq_tokens": round(self.seq_tokens, 1), "micro_batch": self.micro_batch,
-                "gradient_checkpointing": self.gradient_checkpointing, "params": self.facts.total_params}
+                "gradient_checkpointing": self.gradient_checkpointing, "params": self.facts.total_params,
+                "lengths_source": self.lengths_source, "lengths_warning": self.lengths_warning}
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,12 @@ def _round(value: Optional[float], digits: int) -> Optional[float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def job_need(config: LaunchConfig, example_tokens: Optional[list[int]] = None) -> JobNeed:
+def job_need(config: LaunchConfig, example_tokens: Optional[list[int]] = None, *,
+             exact_counts: Optional[bool] = None, hub_sample: bool = True) -> JobNeed:
     """VRAM and tokens of the job. `example_tokens`: each local example's length in tokens
-    (preflight counts them); without them the ready configs' hub datasets are bounded."""
+    (preflight counts them; `exact_counts`: with the model's own tokenizer, None: as preflight
+    would have). Without them, a hub dataset's lengths come from the shipped statistics, else a
+    sample of its rows when online (`hub_sample`), else every example is bounded at max_length."""
     qr = runner_module()
     job = config.job
     local_path, is_local = qr.resolve_local(job.model.base, config.base_dir)
@@ -101,39 +107,53 @@ def job_need(config: LaunchConfig, example_tokens: Optional[list[int]] = None) -
         lora_dropout=job.lora.dropout, gradient_checkpointing=job.train.gradient_checkpointing,
         optimizer="paged_adamw_8bit" if job.train.optimizer == "auto" else job.train.optimizer,
         double_quant=job.model.double_quant)
-    tokens, bound = training_tokens(config, example_tokens)
+    lengths = dataset_lengths.example_lengths(config, example_tokens, exact_counts, hub_sample)
+    tokens, bound = _training_tokens(config, lengths)
     return JobNeed(vram_gb=vram.total_gb, tokens=tokens, tokens_bound=bound, seq_len=job.data.max_length,
                    micro_batch=job.train.micro_batch_size, gradient_checkpointing=job.train.gradient_checkpointing,
-                   facts=facts, seq_tokens=sequence_tokens(config, example_tokens))
+                   facts=facts, seq_tokens=_sequence_tokens(config, lengths), lengths_source=lengths.source,
+                   lengths_warning=lengths.warning)
 
 
 def sequence_tokens(config: LaunchConfig, example_tokens: Optional[list[int]]) -> float:
     """Mean tokens per training sequence: examples cut at max_length, or packed blocks (about full)."""
-    data = config.job.data
-    if not example_tokens or data.packing:
-        return float(data.max_length)
-    return sum(min(n, data.max_length) for n in example_tokens) / len(example_tokens)
+    return _sequence_tokens(config, dataset_lengths.example_lengths(config, example_tokens))
 
 
 def training_tokens(config: LaunchConfig, example_tokens: Optional[list[int]]) -> tuple[Optional[int], bool]:
     """(tokens the job trains on, whether that is an upper bound)."""
+    return _training_tokens(config, dataset_lengths.example_lengths(config, example_tokens))
+
+
+def _sequence_tokens(config: LaunchConfig, lengths: dataset_lengths.ExampleLengths) -> float:
+    data = config.job.data
+    if lengths.stats is None or data.packing:
+        return float(data.max_length)
+    return lengths.stats.mean_capped(data.max_length)
+
+
+def _training_tokens(config: LaunchConfig, lengths: dataset_lengths.ExampleLengths) -> tuple[Optional[int], bool]:
     job = config.job
     data, train = job.data, job.train
     per_step = train.micro_batch_size * train.grad_accum
-    if example_tokens:
-        lengths = [min(n, data.max_length) for n in example_tokens]
-        mean = sum(lengths) / len(lengths)
+    stats = lengths.stats
+    if stats is not None:
+        mean = stats.mean_capped(data.max_length)
         if train.max_steps:
             return int(train.max_steps * per_step * mean), False
+        if lengths.examples is None:
+            return None, False
+        # The train split, plus the fractions that split files take over.
         train_share = data.splits.train + (data.splits.validation if data.validation_path else 0) + (
             data.splits.test if data.test_path else 0)
-        return int(sum(lengths) * train_share * train.epochs), False
+        if lengths.examples == stats.examples:  # every example counted: their sum
+            return int(stats.capped_tokens(data.max_length) * train_share * train.epochs), False
+        return int(lengths.examples * train_share * train.epochs * mean), False
     if train.max_steps:
         return train.max_steps * per_step * data.max_length, True
-    examples = HUB_DATASET_EXAMPLES.get((data.path, data.subset, data.hub_split))
-    if examples is None:
+    if lengths.examples is None:
         return None, True
-    return int(examples * data.splits.train * train.epochs * data.max_length), True
+    return int(lengths.examples * data.splits.train * train.epochs * data.max_length), True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,7 +100,8 @@ def test_a_speed_measured_at_one_shape_carries_over_to_another():
     """A step's fixed costs make tokens/s grow with the tokens per step: a run at 2 x 256 tokens
     that ran at 1.5x the model's speed for its shape predicts 1.5x the model's speed at 2 x 1024,
     not its own tokens/s."""
-    need = need_of("mistral-7b-qlora")  # micro batch 2, sequences up to 1024 (hub data: all at 1024)
+    config = launch_config.load(ROOT / "configs" / "mistral-7b-qlora.yaml")
+    need = offers.job_need(config, example_tokens=[1024] * 1000)  # micro batch 2, every sequence at 1024 tokens
     a10g = offers.Offer("aws", None, "A10G", 1, 24, 1.0, False)
     gpu = resolve("A10G")
     short = estimate.model_tokens_per_s(need.facts, gpu, 2, 256.0, True)
