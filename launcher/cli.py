@@ -26,34 +26,36 @@ from rich.console import Console
 from rich.prompt import Confirm
 from rich.table import Table
 
-from launcher import __version__, job
+from launcher import __version__, job, planning
 from launcher.config import ConfigError, LaunchConfig, load as load_config
-from launcher.paths import DEFAULT_CONFIG
+from launcher.paths import DEFAULT_CONFIG, find_config
+from launcher.planning import ANY_GPU
 from launcher.preflight import (
     PreflightReport, check_data, check_model, check_target, check_tools, needed_disk_gb,
 )
-from launcher.cli_plan import add_market_arguments, add_plan_arguments, cmd_plan, plan_rental, render_offers
-from launcher.cli_runs import cmd_logs, cmd_runs, cmd_status, render_summary
+from launcher.cli_plan import (
+    add_market_arguments, add_plan_arguments, cmd_plan, market_overrides, plan_rental, render_offers,
+)
+from launcher.cli_providers import cmd_check, cmd_down_all
+from launcher.cli_runs import cmd_logs, cmd_runs, cmd_status, render_summary, resolve_run_argument
 from launcher.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TARGET, EXIT_USAGE, UsageError
 from launcher.progress import RichReporter
 from launcher.remote import RemoteError
 from launcher.runs import RunNotFound, RunRecord, RunStore
 from launcher.sync import assets_bytes, local_assets
 
-COMMANDS = ("plan", "runs", "status", "logs", "attach", "resume", "pull", "down")
+COMMANDS = ("plan", "check", "runs", "status", "logs", "attach", "resume", "pull", "down")
 
 
 def launch_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launch", description="QLoRA fine-tuning, launched from your laptop.",
-        epilog="other commands: launch plan | runs | status RUN | logs RUN [-f] | attach RUN | resume RUN | pull RUN | "
+        epilog="other commands: launch plan | check | runs | status RUN | logs RUN [-f] | attach RUN | resume RUN | pull RUN | "
                "down RUN   (launch COMMAND --help for each)")
     parser.add_argument("--config", type=Path, default=None,
                         help=f"job YAML (default: the tiny CPU demo, {DEFAULT_CONFIG.name})")
     parser.add_argument("--target", default=None,
                         help="local (default), ssh://user@host[:port], user@host, or an ~/.ssh/config alias")
-    parser.add_argument("--gpu", default=None,
-                        help="rent the cheapest whole job on this GPU, e.g. A10G or A10G:2 (see `launch plan`)")
     add_market_arguments(parser)
     parser.add_argument("--no-recover", action="store_true",
                         help="a preempted rented machine ends the run (resumable) instead of moving to the next offer")
@@ -77,6 +79,7 @@ def command_parser(command: str) -> argparse.ArgumentParser:
         "logs": "the runner's log", "attach": "follow a running job again (resumes it if it died)",
         "resume": "continue an interrupted run from its newest checkpoint",
         "pull": "fetch checkpoints, metrics, logs and the adapter now", "down": "stop the job and release its machine",
+        "check": "which providers are usable here (credentials), and the tools this machine needs, with the fix for each",
     }
     descriptions["plan"] = "price the whole job on every offer that can hold it, and pick the cheapest"
     parser = argparse.ArgumentParser(prog=f"launch {command}", description=descriptions[command])
@@ -86,11 +89,12 @@ def command_parser(command: str) -> argparse.ArgumentParser:
     if command == "down":
         parser.add_argument("run", nargs="?", help="run id (see `launch runs`)")
         parser.add_argument("--all", action="store_true",
-                            help="every Vast.ai instance labelled by us, known to the run records or not")
+                            help="every machine labelled by us on every provider that can list them, known to the "
+                                 "run records or not")
         parser.add_argument("--yes", "-y", action="store_true", help="do not ask before destroying")
-    elif command != "runs":
-        parser.add_argument("run", help="run id (see `launch runs`)")
-    if command in ("runs", "status", "pull"):
+    elif command not in ("runs", "check"):
+        parser.add_argument("run", help="run id, or a unique prefix of one (see `launch runs`)")
+    if command in ("runs", "status", "pull", "check"):
         parser.add_argument("--json", action="store_true", help="print JSON")
     if command == "logs":
         parser.add_argument("-f", "--follow", action="store_true", help="keep printing as the runner writes")
@@ -111,11 +115,12 @@ def main(argv: Optional[list[str]] = None, console: Optional[Console] = None,
     try:
         if command is None:
             return cmd_launch(args, store, console, errors)
+        resolve_run_argument(args, store)  # a unique start of a run id names that run, for every command
         return COMMAND_FUNCTIONS[command](args, store, console, errors)
     except KeyboardInterrupt:
         errors.print("[yellow]interrupted[/]")
         return EXIT_INTERRUPTED
-    except (ConfigError, UsageError, job.JobError) as e:
+    except (ConfigError, UsageError, job.JobError, planning.PlanError) as e:
         return _fail(errors, e, e.exit_code, args.debug)
     except RunNotFound as e:
         return _fail(errors, e, EXIT_USAGE, args.debug)
@@ -141,43 +146,43 @@ def _fail(errors: Console, e: BaseException, code: int, debug: bool) -> int:
 
 
 def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
-    config_path = args.config or DEFAULT_CONFIG
+    config_path = find_config(args.config) if args.config else DEFAULT_CONFIG
     if not config_path.is_file():
         raise UsageError(f"config file {config_path} not found; pass --config PATH")
     if args.config is None and not args.json:
         console.print(f"No --config given: running the embedded default, [bold]{config_path}[/]")
     overrides = {"target": args.target, "ssh_identity": args.identity, "python": args.python,
-                 "usd_per_hour": args.usd_per_hour, "recover": False if args.no_recover else None}
+                 "usd_per_hour": args.usd_per_hour, "recover": False if args.no_recover else None,
+                 **market_overrides(args)}
     config = load_config(config_path, overrides)
-    rental = None
-    if config.resources.target is None and wants_a_rented_machine(config, args):
-        rental = plan_rental(config, args, store, errors)
-        if isinstance(rental, int):
-            return rental
-    target = "vast" if rental else config.resources.target or "local"
-    session = _create_session(config, target, args, store)
-    report = preflight(config, session)
+    renting = config.resources.target is None and wants_a_rented_machine(config)
+    refuse_unused_market_flags(config, args, renting)
+    report = PreflightReport()
+    plan = None
+    if renting:  # the plan counts the examples' lengths: the tools and the data are checked first
+        check_tools(report, needs_ssh=True)
+        check_data(report, config)
+        if report.errors:
+            return _print_errors(errors, report)
+        plan = plan_rental(config, store, errors, report.example_tokens)
+    session = _create_session(config, args, store, plan)
+    report = preflight(config, session, report if renting else None)
     for finding in report.findings:
         if finding.level == "warning" and not args.json:
             errors.print(f"[yellow]warning:[/] {finding.message}", highlight=False)
     if report.errors:
-        for finding in report.errors:
-            errors.print(f"[red]error:[/] {finding.message}", highlight=False)
         session.update(status="failed", error=report.errors[0].message, exit_code=report.exit_code,
                        ended_at=time.time())
-        session.machine.close()
-        return report.exit_code
+        if session.machine is not None:
+            session.machine.close()
+        return _print_errors(errors, report)
     if report.gpus:
         session.update(gpu=_gpu_summary(report.gpus))
-    if rental:
-        from launcher.renting import save_plan
-
-        candidates, rows, constraints, need = rental
-        save_plan(session.run_dir, constraints)
+    if plan is not None:
         if not args.json:
-            render_offers(console, rows, 0, need, 5)
+            render_offers(console, plan, limit=5)
             console.print(f"run {session.record.id}: renting the first of these that comes up "
-                          f"({config.resources.vast.max_offers_tried} tried at most); results in {session.run_dir}")
+                          f"({session.provider.max_offers_tried} tried at most); results in {session.run_dir}")
     elif not args.json:
         render_plan(console, config, session.record, report)
     # The embedded demo (no --config) costs nothing and is what a first `launch` is for: no question.
@@ -187,40 +192,68 @@ def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, erro
         return 0
     reporter = RichReporter(console, quiet=args.json)
     try:
-        outcome = job.launch(session, config, reporter, detach=args.detach,
-                             candidates=rental[0] if rental else None)
+        outcome = job.launch(session, reporter, detach=args.detach, candidates=plan.candidates if plan else None)
     except KeyboardInterrupt:
         reporter.stopped_following()
         return _interrupted(errors, store, session.record.id)
     return _report_outcome(console, outcome, args.json, store)
 
 
-def wants_a_rented_machine(config: LaunchConfig, args: argparse.Namespace) -> bool:
-    """No target named: rent when a GPU, a provider or a market is asked for, or when the job
-    trains on a GPU; a CPU job without any of these, or `providers: [local]`, runs here."""
+def _print_errors(errors: Console, report: PreflightReport) -> int:
+    for finding in report.errors:
+        errors.print(f"[red]error:[/] {finding.message}", highlight=False)
+    return report.exit_code
+
+
+def wants_a_rented_machine(config: LaunchConfig) -> bool:
+    """No target named: rent when a GPU, a provider or a market is asked for (by the YAML or the
+    flags, which override it), or when the job trains on a GPU; a CPU job without any of these,
+    or `providers: [local]`, runs here."""
     r = config.resources
-    named = [p.strip() for p in args.providers.split(",")] if args.providers else list(r.providers or [])
+    named = list(r.providers or [])
     if named and set(named) <= {"local"}:  # providers: [local] (the tiny config) means this machine
         return False
-    return bool(args.gpu or r.gpu or named or args.spot or args.on_demand or config.job.train.device != "cpu")
+    gpu = r.gpu if r.gpu and r.gpu.lower() != ANY_GPU else None
+    return bool(gpu or named or r.interruptible is not None or config.job.train.device != "cpu")
 
 
-def _create_session(config: LaunchConfig, target: str, args: argparse.Namespace, store: RunStore) -> job.Session:
+def refuse_unused_market_flags(config: LaunchConfig, args: argparse.Namespace, renting: bool) -> None:
+    """A flag that would not change anything is a mistake to say, not to ignore: market flags on a
+    job that rents nothing, --gpu on a job that trains on the CPU."""
+    given = [flag for flag, value in (("--gpu", args.gpu), ("--max-price", args.max_price),
+                                      ("--max-total", args.max_total), ("--spot", args.spot or None),
+                                      ("--on-demand", args.on_demand or None)) if value is not None]
+    if args.gpu and args.gpu.lower() != ANY_GPU and config.job.train.device == "cpu":
+        raise UsageError(f"--gpu {args.gpu}: this job trains on the CPU (train.device: cpu in {config.path.name}); "
+                         "set train.device: auto to train on a GPU, or drop --gpu")
+    if given and not renting:
+        where = (f"--target {config.resources.target}" if config.resources.target else
+                 f"resources.providers: [local] in {config.path.name}")
+        raise UsageError(f"{', '.join(given)} only choose a machine to rent, and this job rents none ({where}); "
+                         "drop the flag, or drop the target to rent one")
+
+
+def _create_session(config: LaunchConfig, args: argparse.Namespace, store: RunStore,
+                    plan: Optional[planning.Plan]) -> job.Session:
     try:
-        return job.create_run(config, target, args.runs_dir, store)
+        if plan is not None:
+            return job.create_run(config, args.runs_dir, store, planned_provider=plan.candidates[0].provider)
+        return job.create_run(config, args.runs_dir, store, target=config.resources.target or "local")
     except ValueError as e:  # a malformed --target
         raise UsageError(str(e)) from None
 
 
-def preflight(config: LaunchConfig, session: job.Session) -> PreflightReport:
-    report = PreflightReport()
-    check_tools(report, needs_ssh=session.provider.name != "local")
-    check_data(report, config)
+def preflight(config: LaunchConfig, session: job.Session, report: Optional[PreflightReport] = None) -> PreflightReport:
+    """Every check before anything costs; `report`: the tools and data checked already (a rented launch)."""
+    if report is None:
+        report = PreflightReport()
+        check_tools(report, needs_ssh=not (session.machine is not None and session.machine.is_this_machine))
+        check_data(report, config)
     check_model(report, config)
-    if not report.errors and not session.provider.owns_machines:  # touch the target only when all is right here
+    if not report.errors and session.machine is not None:  # touch the target only when all is right here
         workdir = config.resources.workdir or session.provider.default_workdir()
         need = needed_disk_gb(config, assets_bytes(local_assets(config)), has_python=bool(config.resources.python)
-                              or session.provider.name == "local")
+                              or session.machine.is_this_machine)
         check_target(report, session.machine, workdir, need, needs_gpu=config.job.train.device != "cpu")
     return report
 
@@ -329,54 +362,8 @@ def cmd_down(args: argparse.Namespace, store: RunStore, console: Console, errors
     return 0
 
 
-def cmd_down_all(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
-    """Every Vast.ai instance with our label, including ones no run record here knows (another
-    laptop, a lost state directory): runs known here are stopped with their results pulled;
-    the others are destroyed. A reply we cannot read is an error, never "nothing to do"."""
-    from launcher.providers.vast import VastProvider, instance_id_of, target_for
-    from launcher.providers.vast_api import VastError
-
-    reporter = RichReporter(console)
-    provider = VastProvider(log=reporter.warn)
-    try:
-        found = provider.labelled_instances()
-    except VastError as e:
-        raise job.JobError(f"{e}; nothing was destroyed, try again", EXIT_TARGET) from None
-    if not found:
-        console.print("no Vast.ai instance carries a qlora-launch label")
-        return 0
-    runs = {r.target: r for r in store.list(limit=1_000_000)}
-    table = Table(title="Vast.ai instances labelled by qlora-launch")
-    for column in ("instance", "label", "status", "$/h", "run here"):
-        table.add_column(column)
-    for row in found:
-        known = runs.get(target_for(row["id"]))
-        table.add_row(str(row["id"]), str(row.get("label")), str(row.get("actual_status")),
-                      f"{float(row.get('dph_total') or 0):.3f}", f"{known.id} ({known.status})" if known else "unknown")
-    console.print(table)
-    if not args.yes and sys.stdin.isatty() and not Confirm.ask(f"Destroy these {len(found)}?", console=console,
-                                                               default=False):
-        return 0
-    failed = 0
-    for row in found:
-        target = target_for(row["id"])
-        known = runs.get(target)
-        try:
-            if known and known.status in ("starting", "running") and known.remote_dir:
-                job.down(job.open_session(store, known.id, log=reporter.warn), reporter)  # results pulled first
-            else:
-                provider.destroy(instance_id_of(target))
-                if known:
-                    store.end_machine(known.id, target, "stopped")
-            console.print(f"{target}: destroyed" + (f" (run {known.id})" if known else " (unknown to the run records)"))
-        except Exception as e:  # noqa: BLE001  (whatever went wrong with one, the next one still goes)
-            failed += 1
-            errors.print(f"[red]error:[/] {target}: {e}", highlight=False)
-    return EXIT_TARGET if failed else 0
-
-
-COMMAND_FUNCTIONS = {"plan": cmd_plan, "runs": cmd_runs, "status": cmd_status, "logs": cmd_logs, "attach": cmd_attach,
-                     "resume": cmd_resume, "pull": cmd_pull, "down": cmd_down}
+COMMAND_FUNCTIONS = {"plan": cmd_plan, "check": cmd_check, "runs": cmd_runs, "status": cmd_status, "logs": cmd_logs,
+                     "attach": cmd_attach, "resume": cmd_resume, "pull": cmd_pull, "down": cmd_down}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from launcher.errors import EXIT_CONFIG
 from launcher.paths import runner_module
@@ -25,33 +25,15 @@ class ConfigError(Exception):
     exit_code = EXIT_CONFIG
 
 
-class VastSettings(BaseModel):
-    """resources.vast: what a Vast.ai machine must be worth renting, and how long to wait for one."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image: str = "pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime"  # python3 + CUDA; the venv brings our torch
-    verified_only: bool = True  # hosts Vast has verified
-    min_reliability: float = Field(0.90, ge=0, le=1)
-    direct_port: bool = True  # a direct SSH port (the proxy is slower and drops long transfers)
-    min_cuda: float = Field(12.8, gt=0)  # the newest CUDA the host driver supports; our torch wheels need 12.8
-    min_inet_down_mbps: float = Field(100.0, ge=0)  # model and pip downloads
-    disk_gb: float = Field(60.0, gt=0)  # the instance's disk (venv ~8 GB, model, checkpoints)
-    pull_stall_s: float = Field(600.0, gt=0)  # image pull with no progress this long: next offer
-    boot_timeout_s: float = Field(1800.0, gt=0)  # not running after this long even with progress: next offer
-    ssh_timeout_s: float = Field(300.0, gt=0)  # running but SSH silent this long: next offer
-    max_offers_tried: int = Field(3, ge=1)  # offers tried per launch or recovery before giving up
-    watchdog_idle_minutes: float = Field(30.0, gt=0)  # no job and no launcher this long: the instance stops itself
-
-
-class Resources(BaseModel):
-    """Where and on what the job runs. Flags such as --target and --gpu override these."""
+class ResourcesBase(BaseModel):
+    """Where and on what the job runs. Flags such as --target and --gpu override these. Each
+    registered provider with settings adds its own section (resources.<provider>), see Resources."""
 
     model_config = ConfigDict(extra="forbid")
 
     target: Optional[str] = None  # local | ssh://user@host[:port] | an ~/.ssh/config alias
-    gpu: Optional[str] = None  # e.g. A10G, or A10G:2 (planning arrives with the next milestone)
-    gpus: int = Field(1, ge=1)
+    gpu: Optional[str] = None  # e.g. A10G, or A10G:2; `any` (or unset): whichever GPU the plan picks
+    gpus: Optional[int] = Field(None, ge=1)  # GPUs per machine; unset: as many as the job needs
     max_price: Optional[float] = Field(None, gt=0)  # USD per hour
     max_total_usd: Optional[float] = Field(None, gt=0)
     providers: Optional[list[str]] = None
@@ -62,7 +44,18 @@ class Resources(BaseModel):
     workdir: Optional[str] = None  # the launcher's folder on the target; default ~/qlora-launch
     ssh_identity: Optional[str] = None  # private key for the ssh target; default: ssh's own choice
     recover: bool = True  # a preempted or vanished rented machine: resume on the next offer (--no-recover)
-    vast: VastSettings = VastSettings()
+
+
+def _resources_model() -> type[ResourcesBase]:
+    """Resources: the common keys plus one section per provider that has settings, from the
+    provider registry (a new provider brings its own section; nothing is listed here by hand)."""
+    from launcher.providers import settings_models
+
+    sections: dict[str, Any] = {name: (model, Field(default_factory=model)) for name, model in settings_models().items()}
+    return create_model("Resources", __base__=ResourcesBase, **sections)
+
+
+Resources = _resources_model()
 
 
 class Storage(BaseModel):
@@ -83,7 +76,7 @@ class LaunchConfig:
     path: Path  # the YAML file, absolute
     raw: dict[str, Any]  # the file as read, with the overrides applied: what travels to the target
     job: Any  # the runner's JobConfig
-    resources: Resources
+    resources: Any  # Resources (built from the provider registry)
     storage: Storage
 
     @property
@@ -126,10 +119,14 @@ def _validate(model: type[BaseModel], data: Any, section: str, path: Path, overr
         key = ".".join(str(part) for part in (section, *first["loc"]))
         field_name = str(first["loc"][0]) if first["loc"] else ""
         message = _message(first, list(model.model_fields))
-        flag = f" (from --{field_name.replace('_', '-')})" if overrides and overrides.get(field_name) is not None else ""
+        flag_name = FLAGS.get(field_name, field_name.replace("_", "-"))
+        flag = f" (from --{flag_name})" if overrides and overrides.get(field_name) is not None else ""
         raise ConfigError(f"{path}: {key}{flag}: {message}") from None
 
 
+# The flags whose names are not their key's (the others are --<key with dashes>).
+FLAGS = {"max_price": "max-price", "max_total_usd": "max-total", "interruptible": "spot/--on-demand",
+         "ssh_identity": "identity"}
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 

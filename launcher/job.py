@@ -1,12 +1,19 @@
 """The run lifecycle: launch, attach, resume, pull, down.
 
-A run is a run record (runs.py) plus a folder on the target (<workdir>/runs/<run-id>/) where the
-runner writes its files, plus a folder here (runs/<run-id>/) where they are pulled. The runner is
-started detached from us (remote.Machine.start), so the launcher can die, the laptop can close and
-the SSH connection can drop without the job noticing; everything the launcher needs to find the
-job again is in the run record, written at every transition.
+A run is a run record (runs.py), a Workspace on its target (workspace.py: the runner's folder
+there) and a folder here (runs/<run-id>/) where its files are pulled. The runner runs detached
+from us, so the launcher can die, the laptop can close and the connection can drop without the
+job noticing; the run record holds all it takes to find the job again, written at every
+transition.
 
-cli.py renders; this module does, and talks to the user only through a Reporter."""
+In order, a launch: rent a machine (or reach your own) -> open its workspace -> prepare
+(bootstrap, stack check) -> upload -> start -> follow (metrics, checkpoint pulls, the provider
+asked whether the machine still lives) -> results -> release the machine. A machine lost on the
+way is released, the next offer of the same plan rented, the newest checkpoint pushed there and
+the run resumed.
+
+This module talks to a Provider and a Workspace only, and to the user through a Reporter;
+cli.py renders."""
 
 from __future__ import annotations
 
@@ -15,41 +22,30 @@ import dataclasses
 import json
 import math
 import secrets
-import shlex
-import shutil
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import yaml
 
-from launcher import sync
-from launcher.config import LaunchConfig, load as load_config, runner_module
-from launcher.paths import CLUSTER_TEMPLATES, RUNNER_FILE, RUNNER_REQUIREMENTS
-from launcher.errors import EXIT_ENVIRONMENT, EXIT_TARGET
-from launcher.preflight import resolve_workdir
-from launcher.providers import provider_for
-from launcher.providers.base import MachineSpec, Need, Offer, Provider, ProviderError
-from launcher.providers.vast_api import VastError
-from launcher.remote import Machine, RemoteError
+from launcher import planning, renting, sync
+from launcher.checkpoints import LocalCheckpoints
+from launcher.config import LaunchConfig, load as load_config
+from launcher.errors import EXIT_TARGET, EXIT_USAGE
+from launcher.providers import provider_for_target, provider_named
+from launcher.providers.base import LOST_STATES, MachineSpec, Need, Offer, Provider, ProviderError, Restartable
+from launcher.remote import Machine
 from launcher.runs import RESUMABLE, RunRecord, RunStore, state_dir
+from launcher.workspace import Look, PrepareFailed, Workspace, WorkspaceError
 
-EXIT_CODE_FILE = "exit_code"
 LOCAL_CONFIG = "job.local.yaml"  # the job as launched (overrides applied, local paths absolute)
-REMOTE_CONFIG = "job.yaml"  # what the runner reads on the target
 POLL_S = 2.0  # status/checkpoint probe interval while following
 LOST_AFTER_S = 300.0  # no answer from the target for this long: give up following (the job may live on)
 STOP_GRACE_S = 120.0  # `down`: time the runner gets to checkpoint after SIGTERM
-BOOTSTRAP_FILES = (CLUSTER_TEMPLATES / "bootstrap.sh", CLUSTER_TEMPLATES / "stack_check.py", RUNNER_REQUIREMENTS)
 # Runner exit codes after which `resume` can continue: killed (137), SIGTERM (143), SIGINT (130).
 RESUMABLE_EXIT_CODES = (130, 137, 143)
-
-
-LOST_STATES = ("preempted", "gone", "stopped")  # a rented machine in these no longer runs the job
-SEEN_FILE = ".launcher-seen"  # in the workdir, touched at every look: the instance watchdog reads it
+HISTORY_FILES = ("metrics.jsonl", "base_eval.json")  # what goes back with a pushed checkpoint
 
 
 class JobError(Exception):
@@ -101,30 +97,31 @@ class Outcome:
 
 @dataclass
 class Session:
-    """One run being driven: its record, its target and the folders on both sides."""
+    """One run being driven: its record, the job as launched, its provider, machine and workspace
+    (a rented run has neither machine nor workspace until one is rented)."""
 
     store: RunStore
     record: RunRecord
+    config: Optional[LaunchConfig]  # None only for a reopened run whose job file no longer loads
     provider: Provider
-    machine: Machine
+    machine: Optional[Machine] = None
+    workspace: Optional[Workspace] = None
 
     @property
     def run_dir(self) -> Path:
         return Path(self.record.run_dir)
 
     @property
-    def remote_dir(self) -> str:
-        assert self.record.remote_dir, "the run has no folder on the target yet"
-        return self.record.remote_dir
+    def ws(self) -> Workspace:
+        assert self.workspace is not None, "the run has no workspace on a target yet"
+        return self.workspace
 
     def update(self, **fields: Any) -> RunRecord:
         self.record = self.store.update(self.record.id, **fields)
         return self.record
 
     def spent_usd(self, now: Optional[float] = None) -> float:
-        from launcher.renting import run_usd
-
-        return run_usd(self.store, self.record, now)
+        return renting.run_usd(self.store, self.record, now)
 
     def elapsed_s(self, now: Optional[float] = None) -> float:
         if self.record.status in ("starting", "running"):
@@ -133,8 +130,29 @@ class Session:
 
     @property
     def holds_rented_machine(self) -> bool:
-        """A rented instance is under this run (a rented run names `vast` until one is up)."""
-        return self.provider.owns_machines and self.record.target != "vast"
+        """A machine we rented is under this run (and must be released)."""
+        return self.provider.rents_machines and self.record.machine_id is not None and self.machine is not None
+
+    @property
+    def spec(self) -> MachineSpec:
+        return machine_spec(self.record.id, self.record.identity)
+
+    def loaded_config(self) -> LaunchConfig:
+        if self.config is None:
+            raise JobError(f"run {self.record.id}: its job file {self.run_dir / LOCAL_CONFIG} no longer loads (a data "
+                           "file moved?); put the files back where they were launched from", EXIT_USAGE)
+        return self.config
+
+    def open_workspace(self, fresh: bool) -> None:
+        """The run's workspace on its machine: a new folder (fresh: a new run, or a run moved to
+        a new machine) or the one the record names."""
+        assert self.machine is not None
+        config = self.config
+        self.workspace = self.provider.open_workspace(
+            self.machine, self.record.id, workdir=config.resources.workdir if config else None,
+            run_folder=None if fresh else self.record.remote_dir)
+        if fresh:
+            self.update(status="starting", remote_dir=self.workspace.folder)
 
 
 def new_run_id(config: Path) -> str:
@@ -147,16 +165,30 @@ def machine_spec(run_id: str, identity: Optional[str]) -> MachineSpec:
                        identity=Path(identity).expanduser() if identity else None)
 
 
-def open_session(store: RunStore, run_id: str, log: Any = None) -> Session:
-    """Find a recorded run's machine again (after the launcher died, on another day)."""
+def open_session(store: RunStore, run_id: str, log: Optional[Callable[[str], None]] = None) -> Session:
+    """Find a recorded run's machine and workspace again (after the launcher died, on another day)."""
     record = store.get(run_id)
     try:
-        resources = load_config(Path(record.run_dir) / LOCAL_CONFIG).resources
+        config: Optional[LaunchConfig] = load_config(Path(record.run_dir) / LOCAL_CONFIG)
     except Exception:  # noqa: BLE001  (a moved data file must not keep a run from being reached)
-        resources = None
-    provider = provider_for(record.target, resources, log=log or (lambda text: None))
-    machine = provider.reconnect(record.target, machine_spec(record.id, record.identity))
-    return Session(store, record, provider, machine)
+        config = None
+    machine_id = record.machine_id or _machine_id_of_older_record(record)
+    provider = provider_named(record.provider, config.resources if config else None, address=machine_id,
+                              log=log or (lambda text: None))
+    session = Session(store, record, config, provider)
+    if machine_id is not None:
+        session.machine = provider.reconnect(machine_id, session.spec)
+        if record.remote_dir:
+            session.open_workspace(fresh=False)
+    return session
+
+
+def _machine_id_of_older_record(record: RunRecord) -> Optional[str]:
+    """Records written before machine_id existed named the machine by its target alone (a
+    rented run's placeholder target was its provider's name)."""
+    if record.provider == "local":
+        return "local"
+    return record.target if record.target and record.target != record.provider else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,46 +196,48 @@ def open_session(store: RunStore, run_id: str, log: Any = None) -> Session:
 # ---------------------------------------------------------------------------------------------
 
 
-def create_run(config: LaunchConfig, target: str, runs_dir: Path, store: RunStore) -> Session:
-    """The run record and the local run folder, before anything is touched on the target."""
-    provider = provider_for(target, config.resources)
+def create_run(config: LaunchConfig, runs_dir: Path, store: RunStore, target: Optional[str] = None,
+               planned_provider: Optional[str] = None) -> Session:
+    """The run record and the local run folder, before anything is touched on the target.
+    `target`: your own machine (local or an SSH box); else the run rents on `planned_provider`."""
+    provider = provider_for_target(target, config.resources) if target else \
+        provider_named(planned_provider or "", config.resources)
     run_id = new_run_id(config.path)
     run_dir = runs_dir.resolve() / run_id
     run_dir.mkdir(parents=True)
     (run_dir / LOCAL_CONFIG).write_text(_local_config_text(config))
     record = store.create(RunRecord(
         id=run_id, config_path=str(config.path), run_dir=str(run_dir), target=target, provider=provider.name,
-        gpu=config.resources.gpu, usd_per_hour=config.resources.usd_per_hour,
+        machine_id=target, gpu=config.resources.gpu, usd_per_hour=config.resources.usd_per_hour,
         identity=config.resources.ssh_identity, model=config.job.model.base,
         micro_batch=config.job.train.micro_batch_size, gradient_checkpointing=config.job.train.gradient_checkpointing,
     ))
-    machine = provider.reconnect(target, machine_spec(run_id, record.identity))
-    return Session(store, record, provider, machine)
+    session = Session(store, record, config, provider)
+    if target:
+        session.machine = provider.reconnect(target, session.spec)
+    return session
 
 
-def launch(session: Session, config: LaunchConfig, reporter: Reporter, *, detach: bool = False,
+def launch(session: Session, reporter: Reporter, *, detach: bool = False,
            candidates: Optional[list[Offer]] = None) -> Outcome:
-    """Provision (rent the first of `candidates` that comes up, for a rented target), bootstrap,
-    sync, start the runner detached, then follow it to the end (or return at once with
+    """Rent the first of `candidates` that comes up (or reach your own machine), prepare it,
+    upload the job, start the runner detached, then follow it to the end (or return at once with
     `detach`). A failure before the runner starts marks the run failed and releases a rented
     machine: nothing is left billing."""
     try:
-        if session.provider.owns_machines:
+        if session.provider.rents_machines:
             rent_machine(session, candidates or [], reporter)
         else:
-            reporter.phase(f"connecting to {session.record.target}")
-            offer = session.provider.offers(Need(), config.resources.usd_per_hour)[0]
-            session.machine = session.provider.provision(offer, machine_spec(session.record.id, session.record.identity))
-        workdir = resolve_workdir(session.machine, config.resources.workdir or session.provider.default_workdir())
-        session.update(status="starting", remote_dir=f"{workdir}/runs/{session.record.id}")
-        start_runner(session, config, workdir, reporter, resume=False)
+            reach_own_machine(session, reporter)
+        session.open_workspace(fresh=True)
+        start_runner(session, reporter, resume=False)
     except KeyboardInterrupt:
         if session.record.status != "running":  # started already: the record says so, leave it
             release(session, "interrupted", reporter)
             session.update(status="interrupted", error="Ctrl-C before the runner started; nothing is running",
                            ended_at=time.time())
         raise
-    except (RemoteError, JobError, ProviderError) as e:
+    except (WorkspaceError, PrepareFailed, JobError, ProviderError) as e:
         raise failed_to_start(session, e, reporter) from None
     except Exception as e:
         release(session, "failed", reporter)
@@ -212,6 +246,12 @@ def launch(session: Session, config: LaunchConfig, reporter: Reporter, *, detach
     if detach:
         return Outcome(session.record, session.run_dir, detached=True)
     return drive(session, reporter)
+
+
+def reach_own_machine(session: Session, reporter: Reporter) -> None:
+    reporter.phase(f"connecting to {session.record.target}")
+    offer = session.provider.offers(Need(), session.loaded_config().resources.usd_per_hour)[0]
+    session.machine = session.provider.provision(offer, session.spec).machine
 
 
 def failed_to_start(session: Session, e: Exception, reporter: Reporter) -> JobError:
@@ -223,28 +263,27 @@ def failed_to_start(session: Session, e: Exception, reporter: Reporter) -> JobEr
 
 
 def rent_machine(session: Session, candidates: list[Offer], reporter: Reporter) -> None:
-    """Rent the first candidate that comes up; the run record then names the instance."""
-    from launcher import renting
-
-    session.provider.log = reporter.warn  # the provider's warnings (price above the quote, ...) go to the user
+    """Rent the first candidate that comes up; the run record then names the machine."""
     try:
-        machine, offer = renting.rent(session.store, session.record.id, session.run_dir, session.provider,
-                                      candidates, machine_spec(session.record.id, session.record.identity),
-                                      reporter.phase, reporter.warn)
-    except (renting.NothingRented, VastError) as e:
+        provider, rented, offer = renting.rent(session.store, session.record.id, session.run_dir, candidates,
+                                               session.loaded_config().resources, session.spec, reporter.phase,
+                                               reporter.warn)
+    except ProviderError as e:
         raise JobError(str(e), EXIT_TARGET) from None
-    session.machine = machine
-    session.update(target=machine.name, gpu=offer.gpu_summary, usd_per_hour=machine.usd_per_hour)
+    session.provider, session.machine, session.workspace = provider, rented.machine, None
+    session.update(provider=provider.name, machine_id=rented.machine_id, target=rented.machine.name,
+                   gpu=offer.gpu_summary, usd_per_hour=rented.usd_per_hour)
 
 
 def release(session: Session, reason: str, reporter: Reporter, when: Optional[float] = None) -> None:
     """Stop paying for a rented machine (destroy it) and close its record; own boxes: nothing."""
     if not session.holds_rented_machine:
         return
+    assert session.machine is not None and session.record.target is not None
     session.store.end_machine(session.record.id, session.record.target, reason, when)
     try:
         session.provider.terminate(session.machine)
-    except (ProviderError, VastError) as e:
+    except ProviderError as e:
         reporter.warn(str(e))
 
 
@@ -264,11 +303,10 @@ def drive(session: Session, reporter: Reporter) -> Outcome:
 
 
 def recover(session: Session, state: str, reporter: Reporter, *, force: bool = False) -> bool:
-    """The machine was lost: record when, destroy what is left of it (Vast bills a stopped
-    instance's disk), then (resources.recover) rent the next offer and resume there from the
-    newest checkpoint pulled here. False: the run is left preempted, resumable."""
-    from launcher import renting
-
+    """The machine was lost: record when, destroy what is left of it (a stopped instance still
+    bills its disk), then (resources.recover) rent the next offer of the job's plan, ranked as
+    `launch` ranks it, and resume there from the newest checkpoint pulled here. False: the run
+    is left preempted, resumable."""
     now = time.time()
     lost = session.record.target
     reporter.warn(f"{lost} was {state} at step {session.record.step}; the newest checkpoint here is "
@@ -277,82 +315,37 @@ def recover(session: Session, state: str, reporter: Reporter, *, force: bool = F
     session.update(status="preempted", elapsed_s=session.elapsed_s(now), started_at=None, ended_at=now,
                    exit_code=143, error=f"{lost} was {state}; `launch resume {session.record.id}` continues on "
                                         "the next offer")
-    config = load_config(session.run_dir / LOCAL_CONFIG)
+    config = session.loaded_config()
     if not (config.resources.recover or force):
         return False
     reporter.phase("renting the next offer to resume on")
-    candidates = renting.next_candidates(config, session.run_dir, reporter.warn)
-    rent_machine(session, candidates, reporter)
     try:
-        workdir = resolve_workdir(session.machine, config.resources.workdir or session.provider.default_workdir())
-        session.update(status="starting", remote_dir=f"{workdir}/runs/{session.record.id}")
-        start_runner(session, config, workdir, reporter, resume=True)
-    except (RemoteError, JobError) as e:
+        plan = planning.compute_plan(config, session.store.measured_speeds(config.job.model.base), reporter.warn,
+                                     example_tokens=planning.example_tokens(config), renting=True)
+    except planning.PlanError as e:
+        raise JobError(str(e), e.exit_code) from None
+    rent_machine(session, plan.candidates, reporter)
+    try:
+        session.open_workspace(fresh=True)
+        start_runner(session, reporter, resume=True)
+    except (WorkspaceError, PrepareFailed, JobError, ProviderError) as e:
         raise failed_to_start(session, e, reporter) from None
     return True
 
 
-def start_runner(session: Session, config: LaunchConfig, workdir: str, reporter: Reporter, *, resume: bool) -> None:
-    """Bootstrap the target, put the job there, start the runner detached; record each step."""
-    machine = session.machine
+def start_runner(session: Session, reporter: Reporter, *, resume: bool) -> None:
+    """Prepare the target, put the job there, start the runner detached; record each step."""
+    config = session.loaded_config()
     reporter.phase("bootstrapping the target (python environment, GPU stack check)")
-    python = bootstrap(machine, workdir, config)
+    python = session.ws.prepare(config)
     reporter.phase("syncing data, config and runner")
-    remote_dir = session.remote_dir
-    assets = sync.local_assets(config)
-    placed = sync.sync_assets(machine, workdir, assets)
-    machine.run(f"mkdir -p {shlex.quote(remote_dir)}/checkpoints")
-    staging = session.run_dir / ".outgoing"
-    staging.mkdir(exist_ok=True)
-    (staging / REMOTE_CONFIG).write_text(sync.remote_config(config, placed))
-    shutil.copy2(RUNNER_FILE, staging / RUNNER_FILE.name)
-    machine.put(staging, remote_dir)
-    shutil.rmtree(staging)
+    session.ws.upload(config)
     if resume:
         push_checkpoint_if_lost(session, reporter)
-    command = (f"PYTHONUNBUFFERED=1 {shlex.quote(python)} {RUNNER_FILE.name} --config {REMOTE_CONFIG} --out ."
-               + (" --resume auto" if resume else ""))
-    pid = machine.start(command, cwd=remote_dir, exit_code_file=EXIT_CODE_FILE)
-    session.update(status="running", pid=pid, python=python, started_at=time.time(), exit_code=None, error=None,
+    job = session.ws.start(python, resume=resume)
+    session.update(status="running", pid=job, python=python, started_at=time.time(), exit_code=None, error=None,
                    ended_at=None)
     reporter.started(session.record)
-
-
-def bootstrap(machine: Machine, workdir: str, config: LaunchConfig) -> str:
-    """Run cluster_templates/bootstrap.sh on the target; returns the python the runner uses."""
-    bin_dir = f"{workdir}/bin"
-    with tempfile.TemporaryDirectory() as staging:
-        for file in BOOTSTRAP_FILES:
-            shutil.copy2(file, Path(staging) / file.name)
-        machine.put(Path(staging), bin_dir)  # one transfer for the three files
-    env = {"QLORA_WORKDIR": workdir, "QLORA_REQUIREMENTS": f"{bin_dir}/requirements.txt",
-           "QLORA_DEVICE": "cpu" if config.job.train.device == "cpu" else "cuda"}
-    python = config.resources.python
-    if python is None and session_is_local(machine) and _has_runner_packages():
-        python = sys.executable  # the local target trains in the launcher's own environment when it can
-    if python:
-        env["QLORA_PYTHON"] = python
-    line = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-    seen = shlex.quote(f"{workdir}/{SEEN_FILE}")  # a rented instance's watchdog: the launcher is here
-    result = machine.run(f"touch {seen}; {line} sh {shlex.quote(bin_dir)}/bootstrap.sh", check=False, timeout=3600)
-    report = next((ln for ln in result.stdout.splitlines() if ln.startswith("QLORA_BOOTSTRAP ")), None)
-    if result.returncode != 0 or report is None:
-        errors = [ln for ln in (result.stderr + result.stdout).splitlines() if ln.strip()]
-        reason = next((ln for ln in reversed(errors) if ln.startswith("bootstrap: error:")), errors[-1] if errors else "")
-        detail = next((ln for ln in errors if ln.startswith("stack check:")), "")
-        raise JobError(f"{machine.name}: {reason.removeprefix('bootstrap: error: ')}"
-                       + (f" ({detail})" if detail else ""), EXIT_ENVIRONMENT)
-    return json.loads(report.removeprefix("QLORA_BOOTSTRAP "))["python"]
-
-
-def session_is_local(machine: Machine) -> bool:
-    return machine.name == "local"
-
-
-def _has_runner_packages() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(n) for n in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"))
 
 
 def _local_config_text(config: LaunchConfig) -> str:
@@ -369,41 +362,15 @@ def _local_config_text(config: LaunchConfig) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Probe:
-    """One look at the job on the target."""
-
-    exit_code: Optional[int]  # None while running (or when it died without writing one)
-    alive: bool
-    complete_steps: list[int]
-    status: dict[str, Any]
-
-
-def probe(session: Session) -> Probe:
-    d = shlex.quote(session.remote_dir)
-    # No pid yet means nothing was started (`kill -0 0` would ask about our own process group).
-    alive_check = f"kill -0 {session.record.pid} 2>/dev/null" if session.record.pid else "false"
-    # Liveness first, then the exit code: the wrapper writes exit_code before it exits, so a
-    # wrapper seen dead has written it by the time we read it (the other order has a window).
-    # Touching the workdir's SEEN_FILE tells a rented instance's watchdog the launcher is about.
-    out = session.machine.run(
-        f"mkdir -p {d} && cd {d} && touch ../../{SEEN_FILE} && ({alive_check} && echo alive || echo dead) && echo --- && "
-        f"(cat {EXIT_CODE_FILE} 2>/dev/null || echo none) && echo --- && "
-        f"for c in checkpoints/checkpoint-*; do [ -f \"$c/{runner_module().MANIFEST}\" ] && echo \"$c\"; done; "
-        f"echo --- && (cat status.json 2>/dev/null || echo '{{}}')", timeout=60).stdout
-    alive, code, checkpoints, status = (part.strip() for part in out.split("---\n", 3))
-    steps = sorted(int(line.rsplit("-", 1)[1]) for line in checkpoints.splitlines() if line.strip())
-    try:
-        status_json = json.loads(status or "{}")
-    except ValueError:
-        status_json = {}
-    return Probe(exit_code=int(code) if code.lstrip("-").isdigit() else None, alive=alive == "alive",
-                 complete_steps=steps, status=status_json)
+def look(session: Session) -> Look:
+    """The job as it is now on its target (one round trip)."""
+    return session.ws.look(session.record.pid)
 
 
 def raise_if_lost(session: Session) -> None:
     """MachineLost when the provider says a rented machine under the run is preempted, gone or stopped."""
-    if session.provider.owns_machines:
+    if session.holds_rented_machine:
+        assert session.machine is not None
         machine_state = session.provider.state(session.machine)
         if machine_state in LOST_STATES:
             raise MachineLost(machine_state) from None
@@ -418,27 +385,27 @@ def follow_run(session: Session, reporter: Reporter) -> Outcome:
 
     def poll() -> None:
         try:
-            look = probe(session)
-        except RemoteError as e:
+            seen = look(session)
+        except WorkspaceError as e:
             raise_if_lost(session)
             if not state["warned"]:
-                reporter.warn(f"lost contact with {session.machine.name} ({e}); retrying")
+                reporter.warn(f"lost contact with {session.record.target} ({e}); retrying")
                 state["warned"] = True
             if time.monotonic() - state["last_contact"] > LOST_AFTER_S:
-                raise JobError(f"no answer from {session.machine.name} for {LOST_AFTER_S:.0f} s; the job may still "
+                raise JobError(f"no answer from {session.record.target} for {LOST_AFTER_S:.0f} s; the job may still "
                                f"be running: `launch attach {session.record.id}` when it is back", EXIT_TARGET) from None
             return
         state["last_contact"], state["warned"] = time.monotonic(), False
-        state["total"] = look.status.get("total_steps") or state["total"]
-        if look.status.get("step") is not None and look.status.get("step") != session.record.step:
-            session.update(step=look.status.get("step"), total_steps=state["total"])
-        pull_new_checkpoints(session, look.complete_steps, reporter)
-        if look.exit_code is not None or not look.alive:
-            if look.exit_code != 0:
+        state["total"] = seen.status.get("total_steps") or state["total"]
+        if seen.status.get("step") is not None and seen.status.get("step") != session.record.step:
+            session.update(step=seen.status.get("step"), total_steps=state["total"])
+        pull_new_checkpoints(session, seen.complete_steps, reporter)
+        if not seen.running:
+            if seen.exit_code != 0:
                 # Killed as its machine went down (we may look in during the shutdown): the
                 # provider tells a lost machine from a runner that died on a healthy one.
                 raise_if_lost(session)
-            state["done"] = look
+            state["done"] = seen
 
     def show(line: str) -> None:
         try:
@@ -448,13 +415,12 @@ def follow_run(session: Session, reporter: Reporter) -> Outcome:
         if isinstance(event, dict):
             reporter.metric(event, state["total"], session.spent_usd())
 
-    metrics_path = f"{session.remote_dir}/metrics.jsonl"
     lines_shown = 0
-    stream = session.machine.follow(metrics_path, stop=lambda: state["done"] is not None)
+    stream = session.ws.stream("metrics.jsonl", stop=lambda: state["done"] is not None)
     # The stream starts at the file's first line: mirror it here as it comes, so a machine
     # lost mid-run leaves the run's history on this side (a resume elsewhere pushes it back).
     mirror = (session.run_dir / "metrics.jsonl").open("w", buffering=1)
-    with contextlib.closing(stream), mirror:  # a lost machine ends the stream (and its ssh) at once
+    with contextlib.closing(stream), mirror:  # a lost machine ends the stream (and its connection) at once
         for line in stream:
             if line:
                 lines_shown += 1
@@ -464,7 +430,7 @@ def follow_run(session: Session, reporter: Reporter) -> Outcome:
                 state["last_poll"] = time.monotonic()
                 poll()
     # The runner ended between two reads of the stream: show its last lines from the pulled copy.
-    pull_files(session)
+    session.ws.fetch_results(session.run_dir)
     pulled_metrics = session.run_dir / "metrics.jsonl"
     for line in (pulled_metrics.read_text() if pulled_metrics.is_file() else "").splitlines()[lines_shown:]:
         show(line)
@@ -472,33 +438,33 @@ def follow_run(session: Session, reporter: Reporter) -> Outcome:
     return finish(session, state["done"], reporter, files_pulled=True)
 
 
-def finish(session: Session, look: Probe, reporter: Reporter, files_pulled: bool = False) -> Outcome:
+def finish(session: Session, seen: Look, reporter: Reporter, files_pulled: bool = False) -> Outcome:
     """The runner has ended: pull everything (the files once), plot, record the outcome."""
     reporter.phase("pulling results")
-    pull_new_checkpoints(session, look.complete_steps, reporter)
+    pull_new_checkpoints(session, seen.complete_steps, reporter)
     if not files_pulled:
-        pull_files(session)
+        session.ws.fetch_results(session.run_dir)
     now = time.time()
     # The runner's last status write is when it ended (we may attach hours later); the
     # target's clock may be off from ours, so it only ever shortens the segment.
-    ended = look.status.get("updated_at")
+    ended = seen.status.get("updated_at")
     started = session.record.started_at
     end = min(now, ended) if isinstance(ended, (int, float)) and started and ended > started else now
     elapsed = session.elapsed_s(end)
-    code = look.exit_code
+    code = seen.exit_code
     status = run_status(code)
-    error = look.status.get("error")
+    error = seen.status.get("error")
     if code is None:
         error = ("the runner died without an exit status (its machine rebooted, or it was killed with its wrapper); "
                  f"`launch resume {session.record.id}` continues from the newest checkpoint")
     elif code == 137:
-        error = (f"the runner was killed (SIGKILL) at step {look.status.get('step')}; "
+        error = (f"the runner was killed (SIGKILL) at step {seen.status.get('step')}; "
                  f"`launch resume {session.record.id}` continues from the newest checkpoint")
     session.update(status=status, exit_code=code, ended_at=now, elapsed_s=elapsed,
-                   started_at=None, step=look.status.get("step", session.record.step),
-                   total_steps=look.status.get("total_steps", session.record.total_steps), error=error,
+                   started_at=None, step=seen.status.get("step", session.record.step),
+                   total_steps=seen.status.get("total_steps", session.record.total_steps), error=error,
                    tokens_per_s=measured_tokens_per_s(session.run_dir),
-                   seq_tokens=look.status.get("train_seq_tokens", session.record.seq_tokens))
+                   seq_tokens=seen.status.get("train_seq_tokens", session.record.seq_tokens))
     plot_losses(session.run_dir)
     return Outcome(session.record, session.run_dir, evaluation=_read_json(session.run_dir / "eval.json"),
                    samples=_read_jsonl(session.run_dir / "samples.jsonl"))
@@ -512,81 +478,41 @@ def run_status(exit_code: Optional[int]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# pulling and pushing
+# checkpoints: pulled here as they appear, pushed back to a new machine
 # ---------------------------------------------------------------------------------------------
 
 
-def pull_files(session: Session) -> None:
-    """Everything of the run but the checkpoints: adapter, eval, samples, metrics, logs, status."""
-    session.machine.get(f"{session.remote_dir}/", session.run_dir, exclude=("checkpoints", ".*.tmp", RUNNER_FILE.name))
-
-
-def local_checkpoints(run_dir: Path) -> list[int]:
-    qr = runner_module()
-    return [step for step, _ in qr.complete_checkpoints(run_dir / "checkpoints")]
-
-
 def pull_new_checkpoints(session: Session, remote_steps: list[int], reporter: Reporter) -> None:
-    """Pull the newest complete checkpoint if it is newer than ours, verify it against its
-    manifest, move it into place, and keep the newest K here. Only the newest: older ones are
+    """Pull the newest complete checkpoint if it is newer than ours, verified against its
+    manifest before it is taken, and keep the newest K here. Only the newest: older ones are
     what the runner rotates away next, and a resume needs only the newest."""
-    qr = runner_module()
-    keep = _keep_checkpoints(session)
-    newest_here = max(local_checkpoints(session.run_dir), default=-1)
-    newer = [s for s in remote_steps if s > newest_here]
-    for step in newer[-1:]:
-        folder = session.run_dir / "checkpoints"
-        incoming = folder / f".incoming-{step}"  # rsync --partial resumes into it next time
-        incoming.mkdir(parents=True, exist_ok=True)
+    local = LocalCheckpoints(session.run_dir)
+    for step in [s for s in remote_steps if s > local.newest()][-1:]:
         try:
-            session.machine.get(f"{session.remote_dir}/checkpoints/checkpoint-{step}/", incoming)
-        except RemoteError as e:
+            session.ws.fetch_checkpoint(step, local.incoming(step))
+        except WorkspaceError as e:
             # Rotated away while we copied (a newer one exists), or the connection dropped:
             # the next look tries again; a half copy is never taken for a checkpoint.
             reporter.warn(f"checkpoint-{step} not pulled this time ({e})")
             continue
-        if not qr.checkpoint_is_complete(incoming):
-            continue
-        final = folder / f"checkpoint-{step}"
-        shutil.rmtree(final, ignore_errors=True)
-        incoming.rename(final)
-        session.update(pulled_step=step)
-        reporter.checkpoint_pulled(step, final)
-    folder = session.run_dir / "checkpoints"
-    for step in local_checkpoints(session.run_dir)[:-keep]:
-        shutil.rmtree(folder / f"checkpoint-{step}", ignore_errors=True)
-    newest_here = max(local_checkpoints(session.run_dir), default=-1)
-    for stale in folder.glob(".incoming-*") if folder.is_dir() else []:
-        if int(stale.name.rsplit("-", 1)[1]) <= newest_here:
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _keep_checkpoints(session: Session) -> int:
-    try:
-        raw = yaml.safe_load((session.run_dir / LOCAL_CONFIG).read_text())
-        return int((raw.get("storage") or {}).get("keep_checkpoints", 3))
-    except (OSError, ValueError, AttributeError):
-        return 3
+        if local.adopt(step):
+            session.update(pulled_step=step)
+            reporter.checkpoint_pulled(step, local.path(step))
+    local.prune(session.config.storage.keep_checkpoints if session.config else 3)
 
 
 def push_checkpoint_if_lost(session: Session, reporter: Reporter) -> None:
     """Before a resume: if the target lacks our newest complete checkpoint (a new or wiped
-    machine), put it back (with the metrics so far), marked complete only once whole."""
-    remote = probe(session).complete_steps
-    local = local_checkpoints(session.run_dir)
-    if not local or (remote and max(remote) >= max(local)):
+    machine), put it back, with the run's history (the runner cuts metrics.jsonl at the
+    checkpoint's step and appends, and reuses the cached base-model evaluation)."""
+    remote = look(session).complete_steps
+    local = LocalCheckpoints(session.run_dir)
+    if not local.steps() or (remote and max(remote) >= local.newest()):
         return
-    step = max(local)
+    step = local.newest()
     reporter.phase(f"pushing checkpoint-{step} back to the target")
-    # The run's history goes back with it: the runner cuts metrics.jsonl at the checkpoint's
-    # step and appends, and reuses the cached base-model evaluation.
-    for name in ("metrics.jsonl", "base_eval.json"):
-        if (session.run_dir / name).is_file():
-            session.machine.put(session.run_dir / name, f"{session.remote_dir}/{name}")
-    remote_root = f"{session.remote_dir}/checkpoints"
-    session.machine.put(session.run_dir / "checkpoints" / f"checkpoint-{step}", f"{remote_root}/.incoming/checkpoint-{step}")
-    session.machine.run(f"cd {shlex.quote(remote_root)} && rm -rf checkpoint-{step} && "
-                        f"mv .incoming/checkpoint-{step} checkpoint-{step}")
+    history = [session.run_dir / name for name in HISTORY_FILES if (session.run_dir / name).is_file()]
+    session.ws.push_checkpoint(local.path(step), step, history)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,18 +521,20 @@ def push_checkpoint_if_lost(session: Session, reporter: Reporter) -> None:
 
 
 def check_rented(session: Session, reporter: Reporter) -> Optional[str]:
-    """A rented machine as it is now: stopped (by its watchdog) -> started again, so what it
-    holds can be pulled; preempted or gone -> that state is returned. None: reachable."""
+    """A rented machine as it is now: stopped (by its watchdog) and restartable -> started again,
+    so what it holds can be pulled; lost (preempted, gone, stopped for good) -> that state is
+    returned. None: reachable."""
     if not session.holds_rented_machine:
         return None
+    assert session.machine is not None
     state = session.provider.state(session.machine)
-    if state == "stopped":
+    if state == "stopped" and isinstance(session.provider, Restartable):
         reporter.phase(f"{session.record.target} was stopped (idle); starting it again to reach the run")
         try:
-            session.machine = session.provider.wake(session.machine, machine_spec(session.record.id,
-                                                                                  session.record.identity))
-        except (ProviderError, VastError, RemoteError) as e:
+            session.machine = session.provider.restart(session.machine, session.spec)
+        except (ProviderError, WorkspaceError) as e:
             raise JobError(f"{session.record.target} is stopped and did not start again: {e}", EXIT_TARGET) from None
+        session.open_workspace(fresh=False)
         return None
     return state if state in LOST_STATES else None
 
@@ -616,18 +544,18 @@ def attach(session: Session, reporter: Reporter) -> Outcome:
     Dead (killed, machine restarted): resume it. Its rented machine lost: resume on the next offer."""
     if session.record.remote_dir is None:
         raise JobError(f"run {session.record.id} never started on its target ({session.record.status}: "
-                       f"{session.record.error}); launch it again", 2)
+                       f"{session.record.error}); launch it again", EXIT_USAGE)
     moved = resume_elsewhere_if_lost(session, reporter)
     if moved:
         return moved
-    look = _probe_or_fail(session)
-    if look.alive and look.exit_code is None:
+    seen = _look_or_fail(session)
+    if seen.running:
         reporter.started(session.record)
         return drive(session, reporter)
-    if look.exit_code is None or look.exit_code in RESUMABLE_EXIT_CODES:
-        reporter.warn(f"the runner is not running (exit code {look.exit_code}); resuming from the newest checkpoint")
+    if seen.exit_code is None or seen.exit_code in RESUMABLE_EXIT_CODES:
+        reporter.warn(f"the runner is not running (exit code {seen.exit_code}); resuming from the newest checkpoint")
         return resume(session, reporter)
-    return finish_and_release(session, look, reporter)
+    return finish_and_release(session, seen, reporter)
 
 
 def resume_elsewhere_if_lost(session: Session, reporter: Reporter) -> Optional[Outcome]:
@@ -639,8 +567,8 @@ def resume_elsewhere_if_lost(session: Session, reporter: Reporter) -> Optional[O
     return drive(session, reporter)
 
 
-def finish_and_release(session: Session, look: Probe, reporter: Reporter) -> Outcome:
-    outcome = finish(session, look, reporter)
+def finish_and_release(session: Session, seen: Look, reporter: Reporter) -> Outcome:
+    outcome = finish(session, seen, reporter)
     release(session, outcome.record.status, reporter)
     return outcome
 
@@ -651,28 +579,31 @@ def resume(session: Session, reporter: Reporter) -> Outcome:
     uninterrupted run. A run whose rented machine is gone resumes on the next offer."""
     record = session.record
     if record.status == "done":
-        raise JobError(f"run {record.id} is done; nothing to resume", 2)
+        raise JobError(f"run {record.id} is done; nothing to resume", EXIT_USAGE)
     if record.status not in RESUMABLE and record.status != "failed":
-        raise JobError(f"run {record.id} is {record.status}; it cannot be resumed", 2)
+        raise JobError(f"run {record.id} is {record.status}; it cannot be resumed", EXIT_USAGE)
     moved = resume_elsewhere_if_lost(session, reporter)
     if moved:
         return moved
-    config = load_config(session.run_dir / LOCAL_CONFIG)
+    if session.machine is None:
+        raise JobError(f"run {record.id} never got a machine ({record.status}: {record.error}); launch it again",
+                       EXIT_USAGE)
     try:
         session.machine.ensure_connected()
-        if record.remote_dir:
-            look = probe(session)
-            if look.alive and look.exit_code is None:
+        if session.workspace is not None:
+            seen = look(session)
+            if seen.running:
                 reporter.warn("the runner is still running; following it instead")
                 reporter.started(record)
                 return drive(session, reporter)
-            if look.exit_code == 0:
-                return finish_and_release(session, look, reporter)
-        workdir = resolve_workdir(session.machine, config.resources.workdir or session.provider.default_workdir())
-        session.update(status="starting", remote_dir=f"{workdir}/runs/{record.id}")
-        start_runner(session, config, workdir, reporter, resume=True)
-    except RemoteError as e:
+            if seen.exit_code == 0:
+                return finish_and_release(session, seen, reporter)
+        session.open_workspace(fresh=True)
+        start_runner(session, reporter, resume=True)
+    except WorkspaceError as e:
         raise JobError(str(e), EXIT_TARGET) from None
+    except PrepareFailed as e:
+        raise JobError(str(e), e.exit_code) from None
     return drive(session, reporter)
 
 
@@ -683,50 +614,56 @@ def pull(session: Session, reporter: Reporter) -> list[int]:
     if lost:
         raise JobError(f"{session.record.target} is {lost}: nothing more can be pulled from it; what was pulled "
                        f"is in {session.run_dir} (`launch resume {session.record.id}` continues the run)", EXIT_TARGET)
-    look = _probe_or_fail(session)
-    pull_new_checkpoints(session, look.complete_steps, reporter)
-    pull_files(session)
-    return local_checkpoints(session.run_dir)
+    if session.workspace is None:
+        return LocalCheckpoints(session.run_dir).steps()
+    seen = _look_or_fail(session)
+    pull_new_checkpoints(session, seen.complete_steps, reporter)
+    session.ws.fetch_results(session.run_dir)
+    return LocalCheckpoints(session.run_dir).steps()
 
 
 def down(session: Session, reporter: Reporter) -> RunRecord:
     """Stop the job (SIGTERM: it checkpoints; SIGKILL after STOP_GRACE_S), pull what it left,
     release the machine (a rented one is destroyed). Safe to repeat."""
-    look = None
+    seen = None
     lost = check_rented(session, reporter)
-    if session.record.remote_dir and not lost:  # (a rented run has a folder only once its machine is up)
-        look = _probe_or_fail(session)
-        if look.alive and look.exit_code is None and session.record.pid:
+    if session.workspace is not None and not lost:
+        seen = _look_or_fail(session)
+        if seen.running and session.record.pid:
             reporter.phase("stopping the runner (it saves a checkpoint first)")
-            session.machine.signal_job(session.record.pid, "TERM")
-            deadline = time.monotonic() + STOP_GRACE_S
-            while time.monotonic() < deadline:
-                look = probe(session)
-                if not look.alive or look.exit_code is not None:
-                    break
-                time.sleep(1)
-            else:
-                session.machine.signal_job(session.record.pid, "KILL")
-                look = probe(session)
-        pull_new_checkpoints(session, look.complete_steps, reporter)
-        pull_files(session)
-    if session.provider.owns_machines:
+            seen = stop_with_grace(session.ws, session.record.pid, STOP_GRACE_S)
+        pull_new_checkpoints(session, seen.complete_steps, reporter)
+        session.ws.fetch_results(session.run_dir)
+    if session.provider.rents_machines:
         release(session, lost or "stopped", reporter)
-    else:
+    elif session.machine is not None:
         session.provider.terminate(session.machine)
     if session.record.status in ("done", "failed"):
         return session.record
     now = time.time()
     return session.update(status="stopped", ended_at=now, elapsed_s=session.elapsed_s(now), started_at=None,
-                          exit_code=look.exit_code if look else None,
-                          step=(look.status.get("step") if look else None) or session.record.step,
+                          exit_code=seen.exit_code if seen else None,
+                          step=(seen.status.get("step") if seen else None) or session.record.step,
                           error=f"stopped by `launch down`; `launch resume {session.record.id}` continues it")
 
 
-def _probe_or_fail(session: Session) -> Probe:
+def stop_with_grace(workspace: Workspace, job: int, grace_s: float) -> Look:
+    """SIGTERM (the runner checkpoints and exits 143), SIGKILL if it has not ended in grace_s."""
+    workspace.signal(job, "TERM")
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        seen = workspace.look(job)
+        if not seen.running:
+            return seen
+        time.sleep(1)
+    workspace.signal(job, "KILL")
+    return workspace.look(job)
+
+
+def _look_or_fail(session: Session) -> Look:
     try:
-        return probe(session)
-    except RemoteError as e:
+        return look(session)
+    except WorkspaceError as e:
         raise JobError(f"{e}; the run record keeps the run: try again when the target answers", EXIT_TARGET) from None
 
 

@@ -235,7 +235,7 @@ def _excluded(p: PlannedOffer, c: Constraints) -> Optional[str]:
     if not p.fits:
         return p.why_not
     o = p.offer
-    if c.gpu_count is not None and o.gpu_count != c.gpu_count:
+    if c.gpu_count is not None and o.gpu_count != c.gpu_count and o.target is None:  # own box: as it is
         return f"{o.gpu_count} GPUs, {c.gpu_count} asked for"
     if c.interruptible is not None and o.interruptible != c.interruptible and o.target is None:  # own box: no market
         return "spot" if o.interruptible else "on-demand"

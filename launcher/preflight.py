@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import shutil
 import urllib.error
 import urllib.request
@@ -221,13 +220,6 @@ def check_target(report: PreflightReport, machine: Machine, workdir: str, need_g
     if needs_gpu and not report.gpus:
         report.add("warning", "target", f"{machine.name}: nvidia-smi lists no GPU; the bootstrap will stop unless "
                                         "train.device is cpu")
-
-
-def resolve_workdir(machine: Machine, workdir: str) -> str:
-    """The workdir as an absolute path on the machine (`~` expanded there, by its shell)."""
-    quoted = workdir if workdir.startswith("~") else shlex.quote(workdir)
-    out = machine.run(f"mkdir -p {quoted} && cd {quoted} && pwd -P", timeout=60).stdout.strip().splitlines()
-    return out[-1]
 
 
 def summary_json(report: PreflightReport) -> str:

@@ -82,6 +82,7 @@ class Machine:
     are absolute strings; commands are POSIX sh."""
 
     name: str = "machine"
+    is_this_machine: bool = False  # the launcher's own machine (the local target)
     transferred: TransferStats
 
     def __init__(self) -> None:
@@ -257,6 +258,7 @@ class LocalMachine(Machine):
     """This machine, driven through the same shell commands as a remote one."""
 
     name = "local"
+    is_this_machine = True
 
     def command(self, remote_command: str) -> list[str]:
         return ["sh", "-c", remote_command]

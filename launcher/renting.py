@@ -1,143 +1,90 @@
-"""Renting machines for a run: the market (live offers where a provider has a live search, the
-catalogs elsewhere), trying the planned offers in order until one is up, recording every rented
-machine of a run with its $/h and time, and picking the next offer after a preemption.
+"""Renting machines for a run: the planned candidates tried in order until one is up, every
+rented machine of a run recorded with its real $/h and time, and a run's $ from them.
 
-Only Vast.ai can be rented so far (the SkyPilot clouds come with their provider); catalog rows
-of the other clouds are priced in `launch plan` but never chosen by `launch`."""
+Which offers to try comes from planning.py (the same plan for `launch` and for a recovery);
+which provider rents each offer comes from the registry (the offer's provider)."""
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from launcher import offers as planning
-from launcher.config import LaunchConfig
-from launcher.providers import provider_for
-from launcher.providers.base import MachineSpec, Need, Offer, ProviderError
-from launcher.providers.vast import VastMachine, VastProvider, target_for
-from launcher.providers.vast_api import VastAuthError, VastError, api_key
+from launcher.providers import provider_named
+from launcher.providers.base import CredentialsError, MachineSpec, Offer, Provider, ProviderError, Provisioned
 from launcher.remote import RemoteError
 from launcher.runs import MachineRecord, RunRecord, RunStore
 
-RENTABLE = ("vast",)
-PLAN_FILE = "plan.json"  # in the run folder: what a recovery needs to pick the next offer
+TRIED_FILE = "plan.json"  # in the run folder: the offers this run tried (a failed one is not tried again)
 
 
-class NothingRented(Exception):
+class NothingRented(ProviderError):
     """No offer could be rented; the message lists each offer tried and why it failed."""
 
 
-def vast_is_configured() -> bool:
-    """A key is there (or a test server): live Vast.ai offers replace the catalog's."""
-    return api_key() is not None
+def offer_key(offer: Offer) -> str:
+    """An offer's identity across searches: its id where the provider has one, else what it is."""
+    if offer.offer_id is not None:
+        return f"{offer.provider}:{offer.offer_id}"
+    return f"{offer.provider}:{offer.instance_type}:{offer.region}:{'spot' if offer.interruptible else 'on-demand'}"
 
 
-def live_need(need: planning.JobNeed, constraints: planning.Constraints) -> Need:
-    """The provider-side filter for a job: enough memory over all GPUs, the caps, the market
-    (the disk comes from resources, which the provider holds)."""
-    return Need(gpu=constraints.gpu.name if constraints.gpu else None, gpu_count=constraints.gpu_count or 1,
-                max_usd_per_hour=constraints.max_usd_per_hour,
-                interruptible=constraints.interruptible,
-                min_vram_gb=round(need.vram_gb / planning.VRAM_MARGIN, 2))
-
-
-def market(config: LaunchConfig, need: planning.JobNeed, constraints: planning.Constraints,
-           warn: Callable[[str], None]) -> list[Offer]:
-    """Every offer to plan with: the catalogs, with Vast.ai's rows replaced by its live offers
-    when a key is set. A live search that fails is a warning; the catalog stays in its place."""
-    catalog = planning.catalog_offers()
-    if not vast_is_configured() or (constraints.providers and "vast" not in constraints.providers):
-        return catalog
+def tried_offers(run_dir: Path) -> list[str]:
     try:
-        live = provider_for("vast", config.resources).offers(live_need(need, constraints))
-    except VastError as e:
-        warn(f"Vast.ai live offers unavailable ({e}); Vast.ai priced from the catalog")
-        return catalog
-    return [o for o in catalog if o.provider != "vast"] + live
+        saved = json.loads((run_dir / TRIED_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return [str(t) for t in saved.get("tried", [])] if isinstance(saved, dict) else []
 
 
-@dataclass(frozen=True)
-class SavedPlan:
-    """What picking the next offer after a preemption needs, kept in the run folder."""
-
-    gpu: Optional[str]
-    gpu_count: Optional[int]
-    interruptible: Optional[bool]
-    max_usd_per_hour: Optional[float]
-    max_total_usd: Optional[float]
-    tried_offers: list[int]
-
-    def save(self, run_dir: Path) -> None:
-        (run_dir / PLAN_FILE).write_text(json.dumps(asdict(self), indent=1))
-
-    @classmethod
-    def load(cls, run_dir: Path) -> "SavedPlan":
-        try:
-            return cls(**json.loads((run_dir / PLAN_FILE).read_text()))
-        except (OSError, ValueError, TypeError):
-            return cls(None, None, None, None, None, [])
-
-    def constraints(self) -> planning.Constraints:
-        from launcher.gpus import resolve
-
-        return planning.Constraints(gpu=resolve(self.gpu) if self.gpu else None, gpu_count=self.gpu_count,
-                                    providers=RENTABLE, interruptible=self.interruptible,
-                                    max_usd_per_hour=self.max_usd_per_hour, max_total_usd=self.max_total_usd)
+def _save_tried(run_dir: Path, tried: list[str]) -> None:
+    (run_dir / TRIED_FILE).write_text(json.dumps({"tried": tried}, indent=1))
 
 
-def save_plan(run_dir: Path, constraints: planning.Constraints) -> None:
-    SavedPlan(gpu=constraints.gpu.name if constraints.gpu else None, gpu_count=constraints.gpu_count,
-              interruptible=constraints.interruptible, max_usd_per_hour=constraints.max_usd_per_hour,
-              max_total_usd=constraints.max_total_usd, tried_offers=[]).save(run_dir)
+def describe(offer: Offer) -> str:
+    what = f"offer {offer.offer_id}" if offer.offer_id is not None else offer.instance_type or offer.provider
+    return (f"{what}: {offer.gpu_count}x {offer.gpu} on {offer.provider} in {offer.region or '?'} at "
+            f"${offer.usd_per_hour:.3f}/h ({'interruptible' if offer.interruptible else 'on-demand'})")
 
 
-def rent(store: RunStore, run_id: str, run_dir: Path, provider: VastProvider, candidates: list[Offer],
-         spec: MachineSpec, phase: Callable[[str], None], warn: Callable[[str], None]) -> tuple[VastMachine, Offer]:
-    """Rent the first candidate that comes up (at most resources.vast.max_offers_tried), record it
+def rent(store: RunStore, run_id: str, run_dir: Path, candidates: list[Offer], resources: Any, spec: MachineSpec,
+         phase: Callable[[str], None], warn: Callable[[str], None]) -> tuple[Provider, Provisioned, Offer]:
+    """Rent the first candidate that comes up (at most max_offers_tried per provider), record it
     as the run's machine. Each failure is logged with why; nothing failed is left billing."""
-    saved = SavedPlan.load(run_dir)
-    tried: list[str] = []
+    tried = tried_offers(run_dir)
+    attempts: dict[str, int] = {}
+    failures: list[str] = []
+    providers: dict[str, Provider] = {}
     for offer in candidates:
         # An offer is a machine, listed once per market: a machine that failed is not tried again.
-        if offer.offer_id in saved.tried_offers:
+        if offer_key(offer) in tried:
             continue
-        if len(tried) >= provider.settings.max_offers_tried:
-            break
-        what = (f"offer {offer.offer_id}: {offer.gpu_count}x {offer.gpu} in {offer.region or '?'} at "
-                f"${offer.usd_per_hour:.3f}/h ({'interruptible' if offer.interruptible else 'on-demand'})")
-        phase(f"renting {what}")
-        saved.tried_offers.append(offer.offer_id)
-        saved.save(run_dir)
+        provider = providers.get(offer.provider) or provider_named(offer.provider, resources, log=warn)
+        providers[offer.provider] = provider
+        if attempts.get(offer.provider, 0) >= provider.max_offers_tried:
+            continue
+        attempts[offer.provider] = attempts.get(offer.provider, 0) + 1
+        phase(f"renting {describe(offer)}")
+        tried.append(offer_key(offer))
+        _save_tried(run_dir, tried)
         try:
-            machine = provider.provision(offer, spec)
-        except VastAuthError:
+            rented = provider.provision(offer, spec)
+        except CredentialsError:
             raise
-        except (ProviderError, VastError, RemoteError) as e:
-            warn(f"{what} failed: {e}")
-            tried.append(f"{what}: {e}")
+        except (ProviderError, RemoteError) as e:
+            warn(f"{describe(offer)} failed: {e}")
+            failures.append(f"{describe(offer)}: {e}")
             continue
-        assert isinstance(machine, VastMachine)
-        store.add_machine(MachineRecord(run_id=run_id, target=target_for(machine.instance_id), provider="vast",
-                                        usd_per_hour=machine.usd_per_hour or offer.usd_per_hour,
-                                        started_at=machine.running_since or time.time(), gpu=offer.gpu_summary,
-                                        region=offer.region))
-        return machine, offer
-    if not tried:
+        store.add_machine(MachineRecord(run_id=run_id, target=rented.machine.name, provider=provider.name,
+                                        usd_per_hour=rented.usd_per_hour, started_at=rented.started_at,
+                                        gpu=offer.gpu_summary, region=offer.region))
+        return provider, rented, offer
+    if not failures:
         raise NothingRented("no offer left to rent: every fitting offer was tried already; "
                             "`launch plan` shows the market now")
-    raise NothingRented("no offer could be rented; tried:\n  " + "\n  ".join(tried))
-
-
-def next_candidates(config: LaunchConfig, run_dir: Path, warn: Callable[[str], None]) -> list[Offer]:
-    """The fitting offers for a recovery, cheapest whole job first, from a fresh live search."""
-    saved = SavedPlan.load(run_dir)
-    constraints = saved.constraints()
-    need = planning.job_need(config)
-    rows, _ = planning.plan(market(config, need, constraints, warn), need, constraints)
-    return [p.offer for p in rows if p.fits and p.offer.offer_id is not None]
+    raise NothingRented("no offer could be rented; tried:\n  " + "\n  ".join(failures))
 
 
 def spent(store: RunStore, run_id: str, now: Optional[float] = None) -> Optional[float]:

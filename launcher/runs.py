@@ -39,9 +39,12 @@ class RunRecord:
     id: str
     config_path: str
     run_dir: str
-    target: str  # local | ssh://user@host:port | an ssh config alias
+    # How the user sees the machine: local | ssh://user@host:port | an ssh config alias | vast:123;
+    # None while a rented run has no machine yet.
+    target: Optional[str] = None
     status: str = "created"
-    provider: str = "local"
+    provider: str = "local"  # the registered provider of the machine (the planned one until rented)
+    machine_id: Optional[str] = None  # the provider's id of the machine, what reconnect() takes
     remote_dir: Optional[str] = None  # the run's folder on the target (absolute)
     pid: Optional[int] = None  # the detached job's wrapper process on the target
     python: Optional[str] = None  # the interpreter the runner uses there
@@ -178,6 +181,24 @@ class RunStore:
         if row is None:
             raise RunNotFound(run_id)
         return _record(row)
+
+    def resolve(self, text: str) -> str:
+        """The run id `text` names, as git names commits: the id itself, else the one id that
+        starts with it. Several: a UsageError naming a few; none: RunNotFound."""
+        if self._db.execute("SELECT 1 FROM runs WHERE id = ?", [text]).fetchone():
+            return text
+        # substr, not LIKE: LIKE ignores case and reads _ and % as wildcards.
+        ids = [row["id"] for row in self._db.execute(
+            "SELECT id FROM runs WHERE ? != '' AND substr(id, 1, length(?)) = ? ORDER BY created_at DESC",
+            [text, text, text])]
+        if len(ids) == 1:
+            return ids[0]
+        if not ids:
+            raise RunNotFound(text)
+        from launcher.errors import UsageError  # the command line's error class; imported only when needed
+
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        raise UsageError(f"{text!r} starts {len(ids)} run ids ({shown}); type more characters of the one you mean")
 
     def list(self, limit: int = 50) -> list[RunRecord]:
         rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", [limit]).fetchall()

@@ -1,31 +1,58 @@
 """Targets the launcher can run a job on, one module each, all implementing base.Provider.
 
-PROVIDERS maps a target kind to its class; `provider_for(target)` picks one from --target."""
+PROVIDERS is the registry: a new provider is a module and one line here. Everything else is
+computed from it: which providers can rent (`rentable()`), which have settings in the job YAML
+(resources.<name>, each provider's `settings_model`), which can be swept by `launch down --all`,
+and what `launch check` lists."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from launcher.providers.base import Offer, Provider, ProviderError
+from launcher.providers.base import Offer, Provider, ProviderContext, ProviderError, Sweepable
 from launcher.providers.local import LocalProvider
 from launcher.providers.ssh import SSHProvider
 from launcher.providers.vast import VastProvider
 
-PROVIDERS: dict[str, type[Provider]] = {"local": LocalProvider, "ssh": SSHProvider, "vast": VastProvider}
+PROVIDERS: dict[str, type[Provider]] = {
+    LocalProvider.name: LocalProvider,
+    SSHProvider.name: SSHProvider,
+    VastProvider.name: VastProvider,
+}
 
 
-def provider_for(target: str, resources: Optional[Any] = None,
-                 log: Callable[[str], None] = lambda text: None) -> Provider:
-    """`local`, `vast` (not rented yet) or `vast:<instance id>`, `ssh://user@host[:port]`,
-    `user@host` or an ~/.ssh/config alias. `resources`: the job's, for the rented providers' settings."""
-    if target == "local":
-        return LocalProvider()
-    if target == "vast" or target.startswith("vast:"):
-        return VastProvider(resources.vast if resources else None, log=log,
-                            workdir=resources.workdir if resources else None,
-                            prebuild_venv=not (resources and resources.python),
-                            min_disk_gb=resources.disk_gb if resources else None)
-    return SSHProvider(target)
+def rentable() -> tuple[str, ...]:
+    """The providers `launch` can rent machines on."""
+    return tuple(name for name, cls in PROVIDERS.items() if cls.rents_machines)
 
 
-__all__ = ["PROVIDERS", "Offer", "Provider", "ProviderError", "provider_for"]
+def sweepable() -> tuple[str, ...]:
+    """The providers whose labelled machines `launch down --all` can list and destroy."""
+    return tuple(name for name, cls in PROVIDERS.items() if issubclass(cls, Sweepable))
+
+
+def settings_models() -> dict[str, type]:
+    """resources.<name> -> the settings model of each provider that has one."""
+    return {name: cls.settings_model for name, cls in PROVIDERS.items() if cls.settings_model is not None}
+
+
+def provider_named(name: str, resources: Optional[Any] = None, address: Optional[str] = None,
+                   log: Callable[[str], None] = lambda text: None) -> Provider:
+    """Build a registered provider from the job's resources (its settings: resources.<name>)."""
+    try:
+        cls = PROVIDERS[name]
+    except KeyError:
+        raise ProviderError(f"unknown provider {name!r}; known: {', '.join(PROVIDERS)}") from None
+    settings = getattr(resources, name, None) if resources is not None and cls.settings_model else None
+    return cls.from_context(ProviderContext(resources=resources, settings=settings, address=address, log=log))
+
+
+def provider_for_target(target: str, resources: Optional[Any] = None) -> Provider:
+    """The provider of a machine named with --target: `local`, else an SSH address or alias."""
+    if target == LocalProvider.name:
+        return provider_named(LocalProvider.name, resources)
+    return provider_named(SSHProvider.name, resources, address=target)
+
+
+__all__ = ["PROVIDERS", "Offer", "Provider", "ProviderError", "provider_named", "provider_for_target", "rentable",
+           "settings_models", "sweepable"]

@@ -1,22 +1,41 @@
 """The provider contract: what every target (local, your own SSH box, Vast.ai, the SkyPilot
 clouds, Kaggle) implements. Small on purpose, like SkyPilot's per-cloud provision modules and
-dstack's Compute: offers, provision, state, terminate, plus `reconnect` so a run record alone
-is enough to find the machine again after the launcher died."""
+dstack's Compute: offers, provision, state, terminate, plus `reconnect` so a run record alone is
+enough to find the machine again after the launcher died.
+
+Optional abilities are mixins (dstack's `ComputeWith*`), found with isinstance, never by name:
+- Restartable: start a machine that stopped (an idle watchdog stopped it) again;
+- Sweepable: list and destroy every machine labelled by us (`launch down --all`);
+- NeedsCredentials: say whether the provider is usable here, and the fix when it is not.
+
+Every error a provider raises is a ProviderError (its client's errors included), so the
+lifecycle and the renting loop catch one family."""
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, ClassVar, Literal, Optional
 
 from launcher.remote import Machine
 
 MachineState = Literal["starting", "running", "stopped", "preempted", "gone", "unknown"]
+LOST_STATES = ("preempted", "gone", "stopped")  # a rented machine in these no longer runs the job
+LABEL_PREFIX = "qlora-launch:"  # every machine we rent is labelled with this and the run id
 
 
 class ProviderError(Exception):
     """A provider could not do what was asked; nothing is left billing. The message says why."""
+
+
+class CredentialsError(ProviderError):
+    """The provider refuses us or has no credentials here: trying another of its offers is pointless."""
+
+
+def label_for(run_id: str) -> str:
+    return f"{LABEL_PREFIX}{run_id}"
 
 
 @dataclass(frozen=True)
@@ -63,23 +82,89 @@ class MachineSpec:
     identity: Optional[Path] = None
 
 
+@dataclass(frozen=True)
+class Provisioned:
+    """What `provision` rented (or reached): the machine, the provider's id for it (what a run
+    record keeps to find it again), the real $/h (what the provider bills, not the quote), and
+    when it came up (billing starts about then)."""
+
+    machine: Machine
+    machine_id: str
+    usd_per_hour: float = 0.0
+    started_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class LabelledMachine:
+    """A machine the provider's own listing shows with our label (Sweepable)."""
+
+    machine_id: str
+    name: str  # how the run records and the user name it, e.g. vast:123
+    label: str
+    status: str
+    usd_per_hour: float = 0.0
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a provider can be used here; when not, `fix` says exactly what to do."""
+
+    usable: bool
+    detail: str  # what was found (never a secret): "key from VAST_API_KEY", "no key in ..."
+    fix: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ProviderContext:
+    """What a provider is built from: the job's resources (None outside a job: `launch check`,
+    `launch down --all`), its own settings (resources.<name>, validated by its settings_model),
+    the address a user named (own boxes), and where its warnings go."""
+
+    resources: Optional[Any] = None
+    settings: Optional[Any] = None
+    address: Optional[str] = None
+    log: Callable[[str], None] = lambda text: None
+
+
 class Provider(ABC):
-    name: str
-    owns_machines: bool = False  # False: your box; terminate() leaves it running
+    """One kind of target. `rents_machines`: we rent (and must release) its machines; False: the
+    machine is yours and terminate() leaves it running."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]  # how a person names it: "Vast.ai"
+    rents_machines: ClassVar[bool] = False
+    settings_model: ClassVar[Optional[type]] = None  # a pydantic model: resources.<name> in the job YAML
     log: Callable[[str], None] = staticmethod(lambda text: None)  # warnings for the user (the reporter's)
+
+    @classmethod
+    def from_context(cls, context: ProviderContext) -> "Provider":
+        """Build the provider for a job (or for a command outside one)."""
+        return cls()
+
+    @classmethod
+    def can_rent(cls, offer: Offer) -> bool:
+        """Whether provision() can rent this offer (a renting provider may rent only its live offers)."""
+        return cls.rents_machines
+
+    @property
+    def max_offers_tried(self) -> int:
+        """Offers of this provider tried per launch or recovery before giving up."""
+        return 3
 
     @abstractmethod
     def offers(self, need: Need, usd_per_hour: float = 0.0) -> list[Offer]:
         """Priced machines available now that satisfy `need`."""
 
     @abstractmethod
-    def provision(self, offer: Offer, spec: MachineSpec) -> Machine:
-        """Return a machine that runs commands, or raise ProviderError / remote.Unreachable
-        leaving nothing billed behind."""
+    def provision(self, offer: Offer, spec: MachineSpec) -> Provisioned:
+        """Rent (or reach) the machine of `offer`; returns once it runs commands. Raises
+        ProviderError (or remote.Unreachable for a box that does not answer), leaving nothing
+        billed behind."""
 
     @abstractmethod
-    def reconnect(self, target: str, spec: MachineSpec) -> Machine:
-        """The machine a run record names, for attach, resume, pull and down."""
+    def reconnect(self, machine_id: str, spec: MachineSpec) -> Machine:
+        """The machine a run record names (its machine_id), for attach, resume, pull and down.
+        Never raises for a machine that is gone: state() then says so."""
 
     @abstractmethod
     def state(self, machine: Machine) -> MachineState:
@@ -91,6 +176,54 @@ class Provider(ABC):
 
     def default_workdir(self) -> str:
         return "~/qlora-launch"
+
+    def open_workspace(self, machine: Machine, run_id: str, workdir: Optional[str] = None,
+                       run_folder: Optional[str] = None) -> Any:
+        """The run's workspace on `machine`: the shell one (a folder reached over a shell) unless
+        a provider says otherwise. `run_folder`: the one a run record names (reopening)."""
+        from launcher.workspace import ShellWorkspace
+
+        if run_folder:
+            return ShellWorkspace(machine, run_folder)
+        return ShellWorkspace.create(machine, workdir or self.default_workdir(), run_id)
+
+
+class Restartable(ABC):
+    """A provider whose stopped machines can be started again (with their disk)."""
+
+    @abstractmethod
+    def restart(self, machine: Machine, spec: MachineSpec) -> Machine:
+        """Start the stopped machine again and return it reachable; ProviderError if it cannot."""
+
+
+class Sweepable(ABC):
+    """A provider that can list every machine labelled by us, whoever launched it."""
+
+    @abstractmethod
+    def labelled_machines(self) -> list[LabelledMachine]:
+        """Every machine of the account with our label; a reply that cannot be read raises
+        ProviderError, never an empty list."""
+
+    @abstractmethod
+    def destroy_machine(self, machine_id: str) -> None:
+        """Destroy it and confirm it is gone; ProviderError says it may still bill."""
+
+
+class NeedsCredentials(ABC):
+    """A provider that needs an account here (a key, a token); without one it is not usable."""
+
+    @classmethod
+    @abstractmethod
+    def availability(cls) -> Availability:
+        """Whether credentials are there (where they were looked for), and the fix when not.
+        Reads local files and the environment only: no network, never the secret itself."""
+
+
+def availability(provider: type[Provider]) -> Availability:
+    """Any provider's availability: one without an account to set up is always usable."""
+    if issubclass(provider, NeedsCredentials):
+        return provider.availability()
+    return Availability(True, "nothing to set up")
 
 
 def gpu_offer(provider: str, target: str, machine: Machine, usd_per_hour: float) -> Offer:

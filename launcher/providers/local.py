@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from launcher.providers.base import MachineSpec, MachineState, Need, Offer, Provider, gpu_offer
+from launcher.providers.base import MachineSpec, MachineState, Need, Offer, Provider, Provisioned, gpu_offer
 from launcher.remote import LocalMachine, Machine
 from launcher.runs import state_dir
+
+MACHINE_ID = "local"
 
 
 class LocalProvider(Provider):
     name = "local"
+    title = "this machine"
 
     def offers(self, need: Need, usd_per_hour: float = 0.0) -> list[Offer]:
         return [gpu_offer("local", "local", LocalMachine(), usd_per_hour)]
 
-    def provision(self, offer: Offer, spec: MachineSpec) -> Machine:
-        return LocalMachine()
+    def provision(self, offer: Offer, spec: MachineSpec) -> Provisioned:
+        return Provisioned(LocalMachine(), MACHINE_ID, offer.usd_per_hour)
 
-    def reconnect(self, target: str, spec: MachineSpec) -> Machine:
+    def reconnect(self, machine_id: str, spec: MachineSpec) -> Machine:
         return LocalMachine()
 
     def state(self, machine: Machine) -> MachineState:

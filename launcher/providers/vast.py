@@ -27,16 +27,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from launcher.config import VastSettings
+from pydantic import BaseModel, ConfigDict, Field
+
 from launcher.paths import CLUSTER_TEMPLATES, RUNNER_REQUIREMENTS
-from launcher.providers.base import MachineSpec, MachineState, Need, Offer, Provider, ProviderError
+from launcher.providers.base import (
+    LABEL_PREFIX, Availability, LabelledMachine, MachineSpec, MachineState, NeedsCredentials, Need, Offer, Provider,
+    ProviderContext, ProviderError, Provisioned, Restartable, Sweepable, label_for,
+)
 from launcher.providers.vast_api import (
-    VastAPI, VastAuthError, VastBadReply, VastError, VastRateLimited, VastServerError,
+    KEY_FILES, VastAPI, VastAuthError, VastBadReply, VastError, VastRateLimited, VastServerError, api_key_source,
 )
 from launcher.remote import Machine, SSHAddress, SSHMachine, SSHOptions, Unreachable
 from launcher.runs import state_dir
 
-LABEL_PREFIX = "qlora-launch:"
 WATCHDOG = CLUSTER_TEMPLATES / "vast_watchdog.py"
 BOOTSTRAP = CLUSTER_TEMPLATES / "bootstrap.sh"
 REQUIREMENTS = RUNNER_REQUIREMENTS
@@ -47,19 +50,35 @@ POLL_ENV = "QLORA_LAUNCH_VAST_POLL_S"  # how often a starting instance is looked
 TERMINATE_TRIES = 5
 
 
-def label_for(run_id: str) -> str:
-    return f"{LABEL_PREFIX}{run_id}"
-
-
 def target_for(instance_id: int) -> str:
     return f"vast:{instance_id}"
 
 
-def instance_id_of(target: str) -> int:
+def instance_id_of(machine_id: str) -> int:
+    """The instance id of a run record's machine id ("123"; records of older launchers: "vast:123")."""
     try:
-        return int(target.removeprefix("vast:"))
+        return int(machine_id.removeprefix("vast:"))
     except ValueError:
-        raise ValueError(f"{target!r} is not a Vast.ai target (vast:<instance id>)") from None
+        raise ProviderError(f"{machine_id!r} is not a Vast.ai instance id") from None
+
+
+class VastSettings(BaseModel):
+    """resources.vast: what a Vast.ai machine must be worth renting, and how long to wait for one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = "pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime"  # python3 + CUDA; the venv brings our torch
+    verified_only: bool = True  # hosts Vast has verified
+    min_reliability: float = Field(0.90, ge=0, le=1)
+    direct_port: bool = True  # a direct SSH port (the proxy is slower and drops long transfers)
+    min_cuda: float = Field(12.8, gt=0)  # the newest CUDA the host driver supports; our torch wheels need 12.8
+    min_inet_down_mbps: float = Field(100.0, ge=0)  # model and pip downloads
+    disk_gb: float = Field(60.0, gt=0)  # the instance's disk (venv ~8 GB, model, checkpoints)
+    pull_stall_s: float = Field(600.0, gt=0)  # image pull with no progress this long: next offer
+    boot_timeout_s: float = Field(1800.0, gt=0)  # not running after this long even with progress: next offer
+    ssh_timeout_s: float = Field(300.0, gt=0)  # running but SSH silent this long: next offer
+    max_offers_tried: int = Field(3, ge=1)  # offers tried per launch or recovery before giving up
+    watchdog_idle_minutes: float = Field(30.0, gt=0)  # no job and no launcher this long: the instance stops itself
 
 
 class VastMachine(SSHMachine):
@@ -70,13 +89,13 @@ class VastMachine(SSHMachine):
         super().__init__(address or SSHAddress(host="unreachable.invalid"), options)
         self.instance_id = instance_id
         self.name = f"vast:{instance_id}"
-        self.usd_per_hour: Optional[float] = None  # as the instance reports it
-        self.running_since: Optional[float] = None  # when we first saw it running
 
 
-class VastProvider(Provider):
+class VastProvider(Provider, Restartable, Sweepable, NeedsCredentials):
     name = "vast"
-    owns_machines = True
+    title = "Vast.ai"
+    rents_machines = True
+    settings_model = VastSettings
 
     def __init__(self, settings: Optional[VastSettings] = None, api: Optional[VastAPI] = None,
                  log: Callable[[str], None] = lambda text: None, workdir: Optional[str] = None,
@@ -87,6 +106,28 @@ class VastProvider(Provider):
         self.workdir = workdir or self.default_workdir()  # where the watchdog looks for the launcher's visits
         self.prebuild_venv = prebuild_venv  # False when the job names its own python (resources.python)
         self.min_disk_gb = min_disk_gb  # resources.disk_gb: what the job says it needs free
+
+    @classmethod
+    def from_context(cls, context: ProviderContext) -> "VastProvider":
+        r = context.resources
+        return cls(context.settings, log=context.log, workdir=r.workdir if r else None,
+                   prebuild_venv=not (r and r.python), min_disk_gb=r.disk_gb if r else None)
+
+    @classmethod
+    def can_rent(cls, offer: Offer) -> bool:
+        return offer.offer_id is not None  # a live offer; the catalog's rows only price
+
+    @property
+    def max_offers_tried(self) -> int:
+        return self.settings.max_offers_tried
+
+    @classmethod
+    def availability(cls) -> Availability:
+        source = api_key_source()
+        if source:
+            return Availability(True, f"API key from {source}")
+        return Availability(False, f"no API key (looked in VAST_API_KEY, {', '.join(KEY_FILES)})",
+                            "export VAST_API_KEY=... (https://cloud.vast.ai/manage-keys/) or `vastai set api-key KEY`")
 
     @property
     def api(self) -> VastAPI:
@@ -142,7 +183,7 @@ class VastProvider(Provider):
 
     # ---- provisioning -----------------------------------------------------------------------
 
-    def provision(self, offer: Offer, spec: MachineSpec) -> Machine:
+    def provision(self, offer: Offer, spec: MachineSpec) -> Provisioned:
         """Rent `offer`, wait until SSH answers; on any failure the instance is destroyed first."""
         if offer.offer_id is None:
             raise ProviderError("a Vast.ai offer without its offer id (catalog offers cannot be rented; "
@@ -158,9 +199,7 @@ class VastProvider(Provider):
             real = float(row.get("dph_total") or 0)
             if real > offer.usd_per_hour * 1.01 + 1e-9:
                 self.log(f"instance {instance_id} costs ${real:.3f}/h, above the ${offer.usd_per_hour:.3f}/h quoted")
-            machine.usd_per_hour = real or offer.usd_per_hour
-            machine.running_since = running_since
-            return machine
+            return Provisioned(machine, str(instance_id), real or offer.usd_per_hour, running_since)
         except BaseException as e:
             self._destroy_quietly(instance_id, f"{type(e).__name__}: {e}")
             raise
@@ -249,11 +288,9 @@ class VastProvider(Provider):
 
     # ---- after provisioning -----------------------------------------------------------------
 
-    def reconnect(self, target: str, spec: MachineSpec) -> Machine:
+    def reconnect(self, machine_id: str, spec: MachineSpec) -> Machine:
         identity, _ = launcher_key(spec.identity)
-        if target == "vast":  # not rented yet
-            return VastMachine(0, None, ssh_options(spec, identity))
-        instance_id = instance_id_of(target)
+        instance_id = instance_id_of(machine_id)
         try:
             row = self.api.instance(instance_id)
         except VastError:
@@ -269,7 +306,7 @@ class VastProvider(Provider):
             return "unknown"
         return map_state(row)
 
-    def wake(self, machine: Machine, spec: MachineSpec) -> Machine:
+    def restart(self, machine: Machine, spec: MachineSpec) -> Machine:
         """A stopped instance (the watchdog stopped it) started again, to pull what it holds."""
         instance_id = _instance_of(machine)
         self.api.set_state(instance_id, "running")
@@ -307,9 +344,14 @@ class VastProvider(Provider):
         except (ProviderError, VastError) as e:
             self.log(str(e))
 
-    def labelled_instances(self) -> list[dict[str, Any]]:
+    def labelled_machines(self) -> list[LabelledMachine]:
         """Every instance of the account that carries our label, whoever launched it."""
-        return [row for row in self.api.instances() if str(row.get("label") or "").startswith(LABEL_PREFIX)]
+        return [LabelledMachine(machine_id=str(row["id"]), name=target_for(row["id"]), label=str(row.get("label")),
+                                status=str(row.get("actual_status")), usd_per_hour=float(row.get("dph_total") or 0))
+                for row in self.api.instances() if str(row.get("label") or "").startswith(LABEL_PREFIX)]
+
+    def destroy_machine(self, machine_id: str) -> None:
+        self.destroy(instance_id_of(machine_id))
 
 
 def map_state(row: Optional[dict[str, Any]]) -> MachineState:

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import quote_plus
 
+from launcher.providers.base import CredentialsError, ProviderError
+
 DEFAULT_URL = "https://console.vast.ai"
 KEY_FILES = ("~/.config/vastai/vast_api_key", "~/.vast_api_key")  # the CLI's, then the SDK's
 RETRIES = 5
@@ -33,11 +35,11 @@ MAX_RETRY_AFTER_S = 60.0
 TIMEOUT_S = 60.0
 
 
-class VastError(Exception):
+class VastError(ProviderError):
     """A Vast.ai API call failed; the message says which call and what to do."""
 
 
-class VastAuthError(VastError):
+class VastAuthError(VastError, CredentialsError):
     pass
 
 
@@ -63,15 +65,26 @@ class VastRejected(VastError):
 
 def api_key() -> Optional[str]:
     """VAST_API_KEY, else the vastai CLI's key file, else the SDK's; None when there is none."""
+    found = _find_key()
+    return found[0] if found else None
+
+
+def api_key_source() -> Optional[str]:
+    """Where the key was found (the variable or the file), never the key; None without one."""
+    found = _find_key()
+    return found[1] if found else None
+
+
+def _find_key() -> Optional[tuple[str, str]]:
     key = os.environ.get("VAST_API_KEY", "").strip()
     if key:
-        return key
+        return key, "VAST_API_KEY"
     for name in KEY_FILES:
         path = Path(name).expanduser()
         if path.is_file():
             key = path.read_text().strip()
             if key:
-                return key
+                return key, name
     return None
 
 

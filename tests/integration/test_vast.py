@@ -214,7 +214,7 @@ def test_down_all_finds_an_orphan_and_a_mangled_list_is_not_nothing(launcher: Va
 
 
 def test_the_watchdog_stops_an_idle_instance_with_the_instance_key(vast: FakeVast):
-    from launcher.config import VastSettings
+    from launcher.providers.vast import VastSettings
     from launcher.providers.vast import onstart_command
 
     body = {"image": "img", "label": "qlora-launch:idle", "env": {"QLORA_VAST_URL": vast.url},
@@ -234,7 +234,7 @@ def test_the_watchdog_stops_an_idle_instance_with_the_instance_key(vast: FakeVas
 def test_the_on_start_builds_the_venv_at_boot_for_the_launchers_bootstrap_to_reuse(tmp_path):
     """The on-start as an instance runs it: unpacked, watchdog up, the venv built with the exact
     requirements file the launcher sends later, so its bootstrap finds it ready."""
-    from launcher.config import VastSettings
+    from launcher.providers.vast import VastSettings
     from launcher.providers.vast import onstart_command
 
     requirements = tmp_path / "requirements.txt"

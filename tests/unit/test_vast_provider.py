@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.config import VastSettings
+from launcher.providers.vast import VastSettings
 from launcher.providers.base import Need
 from launcher.providers.vast import VastMachine, VastProvider, map_state, onstart_command
 from launcher.providers.vast_api import (
@@ -58,7 +58,7 @@ def test_a_mangled_instance_list_is_an_error_not_an_empty_account(vast):
     with pytest.raises(VastBadReply, match="nothing is concluded"):
         api(vast, []).instances()
     with pytest.raises(VastBadReply):
-        VastProvider(api=api(vast, [])).labelled_instances()
+        VastProvider(api=api(vast, [])).labelled_machines()
 
 
 def test_the_key_comes_from_the_environment_or_the_cli_key_file(tmp_path, monkeypatch):

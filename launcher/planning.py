@@ -1,0 +1,182 @@
+"""One planning path, for `launch plan`, for `launch` without a target, and for the recovery
+after a preemption: the job's need, the constraints (resources.*, which the flags override),
+the market (catalogs, with live offers where a provider searches live and is usable here), every
+offer ranked by the estimated cost of the whole job (offers.py), and the candidates `launch`
+may rent, cheapest first. Failures are typed errors with the fix in their message; rendering
+is cli_plan.py's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from launcher import offers as ranking
+from launcher.config import ConfigError, LaunchConfig
+from launcher.errors import EXIT_NO_OFFER, EXIT_USAGE
+from launcher.estimate import UnknownModel
+from launcher.gpus import UnknownGPU, parse_request
+from launcher.providers import PROVIDERS, provider_named, rentable
+from launcher.providers.base import Need, Offer, ProviderError, availability
+from launcher.runs import MeasuredSpeed
+
+ANY_GPU = "any"  # --gpu any: drop a config's pinned GPU
+
+
+class PlanError(Exception):
+    """Planning could not give what was asked; the message says what to change."""
+
+    exit_code = EXIT_USAGE
+
+
+class NothingFits(PlanError):
+    """No offer can hold the job under the constraints; the message names the nearest miss."""
+
+    exit_code = EXIT_NO_OFFER
+
+
+class NothingRentable(PlanError):
+    """Offers fit, but none on a provider that can rent from here."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    need: ranking.JobNeed
+    constraints: ranking.Constraints
+    rows: list[ranking.PlannedOffer]  # every offer considered, fitting ones first, cheapest whole job first
+    choice: Optional[int]  # index of the cheapest fitting offer in rows; None: nothing fits
+
+    @property
+    def candidates(self) -> list[Offer]:
+        """The fitting offers `launch` can rent, in plan order."""
+        return [p.offer for p in self.rows if p.fits and can_rent(p.offer)]
+
+    def as_json(self) -> dict[str, Any]:
+        out = ranking.plan_json(self.rows, self.choice, self.need)
+        for row, planned in zip(out["offers"], self.rows):
+            row["rentable"] = can_rent(planned.offer)
+        return out
+
+
+def can_rent(offer: Offer) -> bool:
+    """Whether `launch` can rent this offer from here (its provider rents, and this offer is one it can)."""
+    provider = PROVIDERS.get(offer.provider)
+    return provider is not None and provider.rents_machines and provider.can_rent(offer)
+
+
+def example_tokens(config: LaunchConfig) -> Optional[list[int]]:
+    """Each local training example's length in tokens, as preflight counts them (None: hub data)."""
+    from launcher.preflight import PreflightReport, check_data
+
+    report = PreflightReport()
+    check_data(report, config)
+    return report.example_tokens
+
+
+def constraints_for(resources: Any) -> ranking.Constraints:
+    """The constraints of a job: resources.* as loaded (the flags are overrides of these keys)."""
+    gpu_text = resources.gpu if resources.gpu and resources.gpu.lower() != ANY_GPU else None
+    try:
+        gpu, count = parse_request(gpu_text) if gpu_text else (None, None)
+    except (UnknownGPU, ValueError) as e:
+        raise PlanError(str(e)) from None
+    named_count = count if gpu_text and ":" in gpu_text else None
+    if named_count and resources.gpus and named_count != resources.gpus:
+        raise ConfigError(f"resources.gpu asks for {named_count} GPUs ({resources.gpu}) and resources.gpus for "
+                          f"{resources.gpus}: say it once (e.g. --gpu {gpu_text.split(':')[0]}:{resources.gpus})")
+    return ranking.Constraints(
+        gpu=gpu, gpu_count=named_count or resources.gpus,
+        providers=tuple(resources.providers) if resources.providers else None,
+        interruptible=resources.interruptible, max_usd_per_hour=resources.max_price,
+        max_total_usd=resources.max_total_usd)
+
+
+def live_need(need: ranking.JobNeed, constraints: ranking.Constraints) -> Need:
+    """The provider-side filter of a live search: enough memory over all GPUs, the caps, the
+    market (the disk comes from resources, which the provider holds)."""
+    return Need(gpu=constraints.gpu.name if constraints.gpu else None, gpu_count=constraints.gpu_count or 1,
+                max_usd_per_hour=constraints.max_usd_per_hour, interruptible=constraints.interruptible,
+                min_vram_gb=round(need.vram_gb / ranking.VRAM_MARGIN, 2))
+
+
+def market(config: LaunchConfig, need: ranking.JobNeed, constraints: ranking.Constraints,
+           warn: Callable[[str], None], *, renting: bool = False) -> list[Offer]:
+    """Every offer to plan with: the catalogs, with a renting provider's rows replaced by its live
+    offers when it is usable here. A live search that fails is a warning and the catalog stays;
+    an unusable provider the user asked for (or `launch` would rent on) is named, with `launch check`."""
+    found = ranking.catalog_offers()
+    for name in rentable():
+        if constraints.providers and name not in constraints.providers:
+            continue
+        provider_class = PROVIDERS[name]
+        usable = availability(provider_class)
+        if not usable.usable:
+            if renting or (constraints.providers and name in constraints.providers):
+                warn(f"{provider_class.title} is not usable here ({usable.detail}); priced from its catalog, "
+                     "not rentable: `launch check` says how to set it up")
+            continue
+        try:
+            live = provider_named(name, config.resources, log=warn).offers(live_need(need, constraints))
+        except ProviderError as e:
+            warn(f"{provider_class.title} live offers unavailable ({e}); priced from its catalog")
+            continue
+        found = [o for o in found if o.provider != name] + live
+    return found
+
+
+def compute_plan(config: LaunchConfig, measured: Sequence[MeasuredSpeed], warn: Callable[[str], None], *,
+                 example_tokens: Optional[list[int]] = None, extra_offers: Sequence[Offer] = (),
+                 renting: bool = False) -> Plan:
+    """The plan of a job. `renting`: for `launch` (and a recovery), the market is restricted to the
+    providers that can rent (those asked for among them), and a plan with no fitting rentable
+    offer raises (NothingFits, NothingRentable) before anything is spent."""
+    constraints = constraints_for(config.resources)
+    try:
+        need = ranking.job_need(config, example_tokens)
+    except UnknownModel as e:
+        raise ConfigError(str(e)) from None
+    if need.lengths_warning:
+        warn(need.lengths_warning)
+    if not renting:
+        rows, choice = _rank(config, need, constraints, measured, warn, extra_offers)
+        return Plan(need, constraints, rows, choice)
+    asked = constraints.providers
+    only_rentable = tuple(p for p in (asked or rentable()) if p in rentable()) or asked
+    rental = _with_providers(constraints, only_rentable)
+    rows, choice = _rank(config, need, rental, measured, warn, (), renting=True)
+    plan = Plan(need, rental, rows, choice)
+    if not rows:  # nothing where we can rent: what the whole market offers says what to do
+        rows, choice = _rank(config, need, constraints, measured, warn, ())
+        plan = Plan(need, constraints, rows, choice)
+    if plan.choice is None:
+        raise NothingFits(ranking.no_fit_message(plan.rows, need))
+    if not plan.candidates:
+        raise NothingRentable(unrentable_message(plan))
+    return plan
+
+
+def _rank(config: LaunchConfig, need: ranking.JobNeed, constraints: ranking.Constraints,
+          measured: Sequence[MeasuredSpeed], warn: Callable[[str], None], extra: Sequence[Offer],
+          renting: bool = False) -> tuple[list[ranking.PlannedOffer], Optional[int]]:
+    found = market(config, need, constraints, warn, renting=renting) + list(extra)
+    return ranking.plan(found, need, constraints, list(measured))
+
+
+def _with_providers(c: ranking.Constraints, providers: Optional[tuple[str, ...]]) -> ranking.Constraints:
+    return ranking.Constraints(gpu=c.gpu, gpu_count=c.gpu_count, providers=providers, interruptible=c.interruptible,
+                               max_usd_per_hour=c.max_usd_per_hour, max_total_usd=c.max_total_usd)
+
+
+def unrentable_message(plan: Plan) -> str:
+    """The plan's pick cannot be rented from here: say where renting works and what to do now."""
+    assert plan.choice is not None
+    best = plan.rows[plan.choice]
+    o = best.offer
+    unusable = [PROVIDERS[name] for name in rentable() if not availability(PROVIDERS[name]).usable]
+    if o.provider in rentable() or unusable:
+        how = "`launch check` says how to set up " + ", ".join(p.title for p in unusable or [PROVIDERS[o.provider]])
+    else:
+        how = f"try --providers {','.join(rentable())}"
+    return (f"the plan picks {o.gpu_count}x {o.gpu} on {o.provider} ({'spot' if o.interruptible else 'on-demand'}, "
+            f"${o.usd_per_hour:.3f}/h, est. ${best.est_total_usd:.2f} in all), but it cannot be rented from here: "
+            f"renting works on {', '.join(rentable())} so far ({how}); to train now pass --target "
+            "ssh://you@your-gpu-box (or local)")
