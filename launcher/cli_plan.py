@@ -28,7 +28,8 @@ def add_market_arguments(parser: argparse.ArgumentParser) -> None:
     """Where and how to rent, for `launch plan` and `launch`: each overrides its resources.* key."""
     parser.add_argument("--gpu", default=None,
                         help="only this GPU, e.g. A10G or A10G:2 (resources.gpu); `any` drops the config's GPU")
-    parser.add_argument("--providers", default=None, help="comma-separated, e.g. vast,aws (resources.providers)")
+    parser.add_argument("--providers", default=None, help="comma-separated providers and catalog clouds to plan on (resources.providers); "
+                             "`launch check` lists the providers")
     market = parser.add_mutually_exclusive_group()
     market.add_argument("--spot", action="store_true", help="interruptible offers only (resources.interruptible)")
     market.add_argument("--on-demand", action="store_true", help="on-demand offers only")

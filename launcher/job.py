@@ -34,8 +34,9 @@ from launcher.checkpoints import LocalCheckpoints
 from launcher.config import LaunchConfig, load as load_config
 from launcher.errors import EXIT_TARGET, EXIT_USAGE
 from launcher.providers import provider_for_target, provider_named
-from launcher.providers.base import LOST_STATES, MachineSpec, Need, Offer, Provider, ProviderError, Restartable
-from launcher.remote import Machine
+from launcher.providers.base import (
+    LOST_STATES, Machine, MachineSpec, Need, Offer, Provider, ProviderError, Restartable,
+)
 from launcher.runs import RESUMABLE, RunRecord, RunStore, state_dir
 from launcher.workspace import Look, PrepareFailed, Workspace, WorkspaceError
 

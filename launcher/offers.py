@@ -28,7 +28,6 @@ from launcher.paths import SHIPPED_CATALOGS
 from launcher.providers.base import Offer
 from launcher.runs import MeasuredSpeed
 
-CATALOG_CLOUDS = ("vast", "aws", "lambda")
 VRAM_MARGIN = 0.90  # plan to fill at most 90 % of a GPU: the estimate is an estimate
 # Training examples of the ready configs' hub datasets (their dataset cards), so planning works
 # offline: (id, subset, split) -> examples. Kept in launcher/dataset_facts.json with their lengths.
@@ -161,13 +160,12 @@ def _training_tokens(config: LaunchConfig, lengths: dataset_lengths.ExampleLengt
 # ---------------------------------------------------------------------------------------------
 
 
-def catalog_offers(folder: Optional[Path] = None, clouds: tuple[str, ...] = CATALOG_CLOUDS) -> list[Offer]:
-    """Every GPU row of the catalogs, once on demand and once as spot where priced so."""
+def catalog_offers(folder: Optional[Path] = None) -> list[Offer]:
+    """Every GPU row of the catalogs (each cloud with a v8/<cloud>/vms.csv), once on demand and
+    once as spot where priced so."""
     folder = folder or catalog.catalog_dir() or SHIPPED_CATALOGS
     offers = []
-    for cloud in clouds:
-        if not (folder / "v8" / cloud / "vms.csv").is_file():
-            continue
+    for cloud in sorted(p.parent.name for p in (folder / "v8").glob("*/vms.csv")):
         for row in catalog.read_rows(cloud, folder):
             for price, spot in ((row.usd_per_hour, False), (row.spot_usd_per_hour, True)):
                 if price:
