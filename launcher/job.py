@@ -639,7 +639,7 @@ def down(session: Session, reporter: Reporter) -> RunRecord:
         release(session, lost or "stopped", reporter)
     elif session.machine is not None:
         session.provider.terminate(session.machine)
-    if session.record.status in ("done", "failed"):
+    if session.record.status in ("done", "failed", "stopped"):  # stopped: a repeated `down`
         return session.record
     now = time.time()
     return session.update(status="stopped", ended_at=now, elapsed_s=session.elapsed_s(now), started_at=None,
