@@ -25,7 +25,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import yaml
 
@@ -225,15 +225,26 @@ def launch(session: Session, reporter: Reporter, *, detach: bool = False,
     upload the job, start the runner detached, then follow it to the end (or return at once with
     `detach`). A failure before the runner starts marks the run failed and releases a rented
     machine: nothing is left billing."""
-    try:
+    with starting(session, reporter):
         if session.provider.rents_machines:
             rent_machine(session, candidates or [], reporter)
         else:
             reach_own_machine(session, reporter)
         session.open_workspace(fresh=True)
         start_runner(session, reporter, resume=False)
+    if detach:
+        return Outcome(session.record, session.run_dir, detached=True)
+    return drive(session, reporter)
+
+
+@contextlib.contextmanager
+def starting(session: Session, reporter: Reporter) -> Iterator[None]:
+    """Until the runner runs, nothing may be left billing: Ctrl-C or a failure releases a rented
+    machine and records why (once the runner runs, Ctrl-C only detaches: the record says so)."""
+    try:
+        yield
     except KeyboardInterrupt:
-        if session.record.status != "running":  # started already: the record says so, leave it
+        if session.record.status != "running":
             release(session, "interrupted", reporter)
             session.update(status="interrupted", error="Ctrl-C before the runner started; nothing is running",
                            ended_at=time.time())
@@ -244,9 +255,6 @@ def launch(session: Session, reporter: Reporter, *, detach: bool = False,
         release(session, "failed", reporter)
         session.update(status="failed", error=f"{type(e).__name__}: {e}", ended_at=time.time())
         raise
-    if detach:
-        return Outcome(session.record, session.run_dir, detached=True)
-    return drive(session, reporter)
 
 
 def reach_own_machine(session: Session, reporter: Reporter) -> None:
@@ -326,11 +334,9 @@ def recover(session: Session, state: str, reporter: Reporter, *, force: bool = F
     except planning.PlanError as e:
         raise JobError(str(e), e.exit_code) from None
     rent_machine(session, plan.candidates, reporter)
-    try:
+    with starting(session, reporter):
         session.open_workspace(fresh=True)
         start_runner(session, reporter, resume=True)
-    except (WorkspaceError, PrepareFailed, JobError, ProviderError) as e:
-        raise failed_to_start(session, e, reporter) from None
     return True
 
 

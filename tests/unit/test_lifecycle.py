@@ -334,8 +334,6 @@ def test_down_stops_the_runner_pulls_its_checkpoint_releases_the_machine_and_can
     assert train_losses(Path(record.run_dir)) == UNINTERRUPTED
 
 
-@pytest.mark.xfail(strict=True, reason="job.recover: Ctrl-C while the recovery's machine is prepared leaves it "
-                                       "rented (billing) and the run `starting`; launch() releases in that case")
 def test_ctrl_c_while_the_next_machine_is_prepared_after_a_preemption_releases_it(world: World):
     """launch's promise (Ctrl-C before the runner started: the machine released, the run
     interrupted) holds for the machine rented by a recovery as well."""
