@@ -1,5 +1,8 @@
 """The run commands as a person reads them: `launch runs`, `launch status RUN`, `launch logs RUN`,
-and the summary printed after a run (cli.py's `launch`, attach and resume end with it)."""
+and the summary printed after a run (cli.py's `launch`, attach and resume end with it).
+
+Wherever a RUN is taken, a unique start of its id is enough, as with git's commits:
+`launch status 20261201-2212` (resolve_run_argument, called once by cli.main)."""
 
 from __future__ import annotations
 
@@ -8,14 +11,32 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from launcher import job
 from launcher.remote import RemoteError
-from launcher.runs import RunStore
+from launcher.runs import RunRecord, RunStore
+
+# Train loss = the mean of the last 10 steps: one step is one noisy micro-batch, the test loss a whole split's mean.
+TRAIN_MEAN_STEPS = 10  # (the demo: last step 0.036, last ten 0.121, test 0.182)
+ACTIVE = ("starting", "running")
+
+
+def resolve_run_argument(args: argparse.Namespace, store: RunStore) -> None:
+    """args.run, a run id or a unique start of one, becomes the whole id (before any command
+    looks the run up); an ambiguous or unknown one is a usage error naming the candidates."""
+    if getattr(args, "run", None):
+        args.run = store.resolve(args.run)
+
+
+# ---------------------------------------------------------------------------------------------
+# the summary after a run
+# ---------------------------------------------------------------------------------------------
 
 
 def render_summary(console: Console, outcome: job.Outcome, machines: list[dict[str, Any]], spent: float) -> None:
@@ -37,16 +58,16 @@ def render_summary(console: Console, outcome: job.Outcome, machines: list[dict[s
                           _duration(m["seconds"]), f"{m['usd']:.4f}", m["end_reason"] or "running")
         table.add_row("total", "", "", "", _duration(sum(m["seconds"] for m in machines)), f"{spent:.4f}", "")
         console.print(table)
-    metrics = job.read_metrics(outcome.run_dir)
-    final_train = next((m["loss"] for m in reversed(metrics) if m.get("event") == "train"), None)
-    final_eval = next((m["eval_loss"] for m in reversed(metrics) if m.get("event") == "eval"), None)
+    losses = Losses.of(outcome.run_dir)
     ev = outcome.evaluation
     if ev and ev.get("test_loss") is not None:
-        table = Table(title="losses")
-        for column in ("", "train", "validation", "test", "test perplexity"):
+        train_label = f"train (last {losses.train_steps} steps)" if losses.train_steps > 1 else "train (last step)"
+        table = Table(title="losses", caption=f"train: the mean of the last {losses.train_steps} steps' losses; "
+                                              "validation: the last evaluation; test: over the whole test split")
+        for column in ("", train_label, "validation", "test", "test perplexity"):
             table.add_column(column, justify="right")
         table.add_row("base model", "-", "-", f"{ev['base_test_loss']:.4f}", _fmt(ev.get("base_test_perplexity")))
-        table.add_row("fine-tuned", _fmt(final_train, 4), _fmt(final_eval, 4), f"{ev['test_loss']:.4f}",
+        table.add_row("fine-tuned", _fmt(losses.train, 4), _fmt(losses.validation, 4), f"{ev['test_loss']:.4f}",
                       _fmt(ev.get("test_perplexity")))
         console.print(table)
     if outcome.samples:
@@ -63,6 +84,23 @@ def render_summary(console: Console, outcome: job.Outcome, machines: list[dict[s
         console.print(f"continue it with `launch resume {record.id}`")
 
 
+class Losses:
+    """A run's losses as pulled here: the mean train loss of its last steps, its last validation."""
+
+    def __init__(self, metrics: list[dict[str, Any]]) -> None:
+        train = {m["step"]: m["loss"] for m in metrics if m.get("event") == "train" and m.get("loss") is not None}
+        last = list(train.values())[-TRAIN_MEAN_STEPS:]
+        self.train_steps = len(last)
+        self.train: Optional[float] = sum(last) / len(last) if last else None
+        evals = [m for m in metrics if m.get("event") == "eval" and m.get("eval_loss") is not None]
+        self.validation: Optional[float] = evals[-1]["eval_loss"] if evals else None
+        self.validation_step: Optional[int] = evals[-1].get("step") if evals else None
+
+    @classmethod
+    def of(cls, run_dir: Path) -> "Losses":
+        return cls(job.read_metrics(run_dir))
+
+
 def _fmt(value: Optional[float], digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -72,27 +110,77 @@ def _duration(seconds: Optional[float]) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _usd(usd: float) -> str:
+    """$ rounded as a person reads them: cents, or tenths of a cent under a dollar."""
+    return f"${usd:.2f}" if usd == 0 or usd >= 1 else f"${usd:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# launch runs
+# ---------------------------------------------------------------------------------------------
+
+
+# The columns of `launch runs` a narrow terminal gives up first (the id, status and steps stay).
+DROPPED_FIRST = ("GPU", "target", "$", "elapsed")
+FOLDED_MIN = 8  # a folding column (target, GPU) narrower than this is dropped instead
+
+
 def cmd_runs(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
     records = store.list(limit=args.limit)
     if args.json:
         console.print_json(json.dumps([asdict(r) for r in records]))
         return 0
-    table = Table(title="runs")
-    for column in ("id", "status", "target", "GPU", "steps", "elapsed", "$"):
-        table.add_column(column, justify="right" if column in ("steps", "elapsed", "$") else "left")
     from launcher.renting import run_usd
 
-    for r in records:
-        table.add_row(r.id, r.status, r.target, r.gpu or "-", f"{r.step or 0}/{r.total_steps or '?'}",
-                      _duration(r.runner_seconds()), f"{run_usd(store, r):.2f}")
+    columns: dict[str, list[str]] = {
+        "id": [r.id for r in records], "status": [r.status for r in records],
+        "target": [r.target or "-" for r in records], "GPU": [r.gpu or "-" for r in records],
+        "steps": [f"{r.step or 0}/{r.total_steps or '?'}" for r in records],
+        "elapsed": [_duration(r.runner_seconds()) for r in records],
+        "$": [f"{run_usd(store, r):.2f}" for r in records],
+    }
+    shown = fit_columns(columns, console.width)
+    if shown is None:  # not even the ids fit in a table: one line each, never cut
+        for r in records:
+            console.print(f"{r.id} {r.status}", soft_wrap=True, highlight=False)
+        return 0
+    table = Table(title="runs", caption="RUN: an id, or any unique start of one" if records else "no runs yet")
+    for name in shown:
+        folds = name in ("target", "GPU")
+        table.add_column(name, justify="right" if name in ("steps", "elapsed", "$") else "left",
+                         no_wrap=not folds, overflow="fold" if folds else "ellipsis",
+                         min_width=max(map(len, columns["id"]), default=2) if name == "id" else None)
+    for row in zip(*(columns[name] for name in shown)):
+        table.add_row(*row)
     console.print(table)
     return 0
+
+
+def fit_columns(columns: dict[str, list[str]], width: int) -> Optional[list[str]]:
+    """The columns that fit in `width` with the id whole: empty columns (all '-') go first,
+    then DROPPED_FIRST in order; None when the id alone does not fit."""
+    def needed(name: str) -> int:
+        widest = max([len(name), *map(len, columns[name])])
+        return (min(widest, FOLDED_MIN) if name in ("target", "GPU") else widest) + 3  # padding and a border
+
+    empty = [n for n in DROPPED_FIRST if columns[n] and all(cell == "-" for cell in columns[n])]
+    shown = list(columns)
+    for name in [*empty, *(n for n in DROPPED_FIRST if n not in empty), "steps", "status"]:
+        if sum(map(needed, shown)) + 1 <= width:
+            return shown
+        shown.remove(name)
+    return shown if sum(map(needed, shown)) + 1 <= width else None
+
+
+# ---------------------------------------------------------------------------------------------
+# launch status
+# ---------------------------------------------------------------------------------------------
 
 
 def cmd_status(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
     session = job.open_session(store, args.run)
     live: dict[str, Any] = {}
-    if session.record.status in ("starting", "running") and session.record.remote_dir:
+    if session.record.status in ACTIVE and session.record.remote_dir:
         try:
             look = job.probe(session)
             live = {"alive": look.alive, "exit_code": look.exit_code, "phase": look.status.get("phase"),
@@ -103,26 +191,96 @@ def cmd_status(args: argparse.Namespace, store: RunStore, console: Console, erro
     if session.holds_rented_machine:
         # Is it still billing? The provider's word, whatever the run's record says.
         live["machine_state"] = session.provider.state(session.machine)
-    from launcher.renting import machines_json, spent
+    from launcher.renting import machines_json, run_usd, spent
 
     machines = machines_json(store, session.record.id)
     if args.json:
         console.print_json(json.dumps({"run": asdict(session.record), "live": live, "machines": machines,
                                        "spent_usd": spent(store, session.record.id)}))
         return 0
-    table = Table(title=f"run {session.record.id}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-    for key, value in asdict(session.record).items():
-        if value is not None and key not in ("created_at", "updated_at", "ended_at", "started_at"):
-            table.add_row(key, str(value))
-    for key, value in live.items():
-        table.add_row(f"live {key}", str(value))
-    for m in machines:
-        table.add_row("machine", f"{m['target']} {m['gpu'] or ''} ${m['usd_per_hour']:.3f}/h, "
-                                 f"{_duration(m['seconds'])}, ${m['usd']:.4f}, {m['end_reason'] or 'running'}")
-    console.print(table)
+    render_status(console, session.record, live, machines, run_usd(store, session.record))
     return 0
+
+
+def render_status(console: Console, record: RunRecord, live: dict[str, Any], machines: list[dict[str, Any]],
+                  usd: float) -> None:
+    """One run for a person: where it is, how it learns, what it costs, and what to type next.
+    Plain `name  value` lines, never folded: a path or a command copied from them stays whole."""
+    rows: list[tuple[str, str]] = [("status", _status_text(record, live))]
+    step, total = live.get("step") or record.step, live.get("total_steps") or record.total_steps
+    rows.append(("steps", f"{step or 0}/{total or '?'}" + (" (on the target, now)" if live.get("step") else "")))
+    losses = Losses.of(Path(record.run_dir))
+    if losses.train is not None:
+        rows.append(("train loss", f"{losses.train:.4f} (the mean of the last {losses.train_steps} steps)"))
+    if losses.validation is not None:
+        rows.append(("validation loss", f"{losses.validation:.4f} (at step {losses.validation_step})"))
+    evaluation = _read_json(Path(record.run_dir) / "eval.json") if record.status == "done" else None
+    if evaluation and evaluation.get("test_loss") is not None:
+        base = evaluation.get("base_test_loss")
+        rows.append(("test loss", f"{evaluation['test_loss']:.4f}"
+                     + (f" (the base model: {base:.4f})" if base is not None else "")))
+    rows.append(("machine", f"{record.target or 'none rented yet'}, GPU: {record.gpu or '-'}"
+                 + (f"; the provider says: {escape(str(live['machine_state']))}" if "machine_state" in live else "")))
+    for m in machines:
+        rows.append(("", f"{m['target']} {m['gpu'] or '-'} at ${m['usd_per_hour']:.3f}/h for "
+                         f"{_duration(m['seconds'])}: {_usd(m['usd'])}, {m['end_reason'] or 'running'}"))
+    rows.append(("time", _duration(record.runner_seconds()) + (" so far" if record.status in ACTIVE else "")))
+    rows.append(("spent", _usd(usd) if usd or record.usd_per_hour or machines
+                 else "$0 (your machine: --usd-per-hour prices its time)"))
+    if record.error:
+        rows.append(("error", f"[red]{escape(record.error)}[/]"))
+    rows.append(("folder", escape(record.run_dir)))
+    if (Path(record.run_dir) / "adapter").is_dir():
+        rows.append(("adapter", escape(str(Path(record.run_dir) / "adapter"))))
+    rows += [("next", command) for command in _next_commands(record, live)]
+    console.print(f"[bold]run {record.id}[/]", highlight=False)
+    for name, value in rows:
+        console.print(f"  [bold]{name:<17}[/]{value}", soft_wrap=True, highlight=False)
+
+
+def _status_text(record: RunRecord, live: dict[str, Any]) -> str:
+    code = f" (exit code {record.exit_code})" if record.exit_code is not None else ""
+    colour = {"done": "green", "failed": "red", "running": "cyan", "starting": "cyan"}.get(record.status, "yellow")
+    text = f"[{colour}]{record.status}[/]{code}"
+    if record.status not in ACTIVE:
+        return text
+    if "unreachable" in live:
+        return f"{text}; the target does not answer: {escape(live['unreachable'])}"
+    if live and (live.get("exit_code") is not None or live.get("alive") is False):
+        ended = f"exit code {live['exit_code']}" if live.get("exit_code") is not None else "no exit code"
+        return f"{text}; the runner has ended on the target ({ended}), not yet recorded here"
+    if live.get("phase"):
+        return f"{text}: {live['phase']} (the runner's word, now)"
+    return text
+
+
+def _next_commands(record: RunRecord, live: dict[str, Any]) -> list[str]:
+    run = record.id
+    if record.status in ACTIVE:
+        if live.get("exit_code") is not None or live.get("alive") is False:
+            return [f"`launch attach {run}` records how it ended and pulls the results"]
+        return [f"`launch attach {run}` follows it", f"`launch logs {run} -f` shows its log",
+                f"`launch pull {run}` fetches its checkpoints now", f"`launch down {run}` stops it"]
+    if record.status in ("preempted", "interrupted", "stopped"):
+        return [f"`launch resume {run}` continues it from its newest checkpoint"]
+    if record.status == "failed":
+        return [f"`launch logs {run}` shows the runner's log"]
+    if record.status == "done" and not (Path(record.run_dir) / "adapter").is_dir():
+        return [f"`launch pull {run}` fetches the adapter and results"]
+    return []
+
+
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# launch logs
+# ---------------------------------------------------------------------------------------------
 
 
 def cmd_logs(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
