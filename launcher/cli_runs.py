@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from launcher import job
-from launcher.remote import RemoteError
+from launcher.workspace import WorkspaceError
 from launcher.runs import RunRecord, RunStore
 
 # Train loss = the mean of the last 10 steps: one step is one noisy micro-batch, the test loss a whole split's mean.
@@ -180,15 +180,15 @@ def fit_columns(columns: dict[str, list[str]], width: int) -> Optional[list[str]
 def cmd_status(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
     session = job.open_session(store, args.run)
     live: dict[str, Any] = {}
-    if session.record.status in ACTIVE and session.record.remote_dir:
+    if session.record.status in ACTIVE and session.workspace is not None:
         try:
-            look = job.probe(session)
+            look = job.look(session)
             live = {"alive": look.alive, "exit_code": look.exit_code, "phase": look.status.get("phase"),
                     "step": look.status.get("step"), "total_steps": look.status.get("total_steps"),
                     "checkpoints_on_target": look.complete_steps}
-        except RemoteError as e:
+        except WorkspaceError as e:
             live = {"unreachable": str(e)}
-    if session.holds_rented_machine:
+    if session.holds_rented_machine and session.machine is not None:
         # Is it still billing? The provider's word, whatever the run's record says.
         live["machine_state"] = session.provider.state(session.machine)
     from launcher.renting import machines_json, run_usd, spent
@@ -286,14 +286,14 @@ def _read_json(path: Path) -> Optional[dict[str, Any]]:
 def cmd_logs(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
     session = job.open_session(store, args.run)
     local_log = session.run_dir / "runner.log"
-    if session.record.status not in ("starting", "running") or not session.record.remote_dir:
+    workspace = session.workspace
+    if session.record.status not in ("starting", "running") or workspace is None:
         if not local_log.is_file():
             raise job.JobError(f"run {args.run} has no log here yet; `launch pull {args.run}` fetches it", 2)
         sys.stdout.write(local_log.read_text())
         return 0
-    path = f"{session.remote_dir}/runner.log"
     if not args.follow:
-        sys.stdout.write(session.machine.run(f"cat {path} 2>/dev/null || true").stdout)
+        sys.stdout.write(workspace.read("runner.log"))
         return 0
     state = {"done": False, "last": 0.0}
 
@@ -301,13 +301,12 @@ def cmd_logs(args: argparse.Namespace, store: RunStore, console: Console, errors
         if time.monotonic() - state["last"] > job.POLL_S:
             state["last"] = time.monotonic()
             try:
-                look = job.probe(session)
-                state["done"] = look.exit_code is not None or not look.alive
-            except RemoteError:
+                state["done"] = not job.look(session).running
+            except WorkspaceError:
                 pass
         return state["done"]
 
-    for line in session.machine.follow(path, stop=ended):
+    for line in workspace.stream("runner.log", stop=ended):
         if line:
             print(line, flush=True)
     return 0

@@ -161,10 +161,11 @@ def test_status_of_a_running_run_shows_the_runners_phase(store, tmp_path, monkey
     record = add(store, LONG_ID, tmp_path, status="running", remote_dir="/remote/run", pid=42, step=10,
                  total_steps=200, started_at=time.time() - 65)
     monkeypatch.setattr(job, "open_session", lambda store, run_id, **kw: SimpleNamespace(
-        record=store.get(run_id), run_dir=Path(record.run_dir), holds_rented_machine=False))
+        record=store.get(run_id), run_dir=Path(record.run_dir), holds_rented_machine=False, workspace=object(),
+        machine=None))
     look = SimpleNamespace(alive=True, exit_code=None, complete_steps=[50],
                            status={"phase": "training", "step": 57, "total_steps": 200})
-    monkeypatch.setattr(job, "probe", lambda session: look, raising=False)
+    monkeypatch.setattr(job, "look", lambda session: look)
     code, out, _ = launch("status", LONG_ID[:12])
     assert code == 0
     assert "running: training" in out and "57/200" in out and "0:01:0" in out and "so far" in out
@@ -185,7 +186,8 @@ def test_status_of_a_rented_run_lists_its_machines_and_their_cost(store, tmp_pat
     store.add_machine(MachineRecord(LONG_ID, "vast:222", "vast", 0.40, now - 1800, gpu="RTX 4090", ended_at=now - 10,
                                     end_reason="preempted"))
     monkeypatch.setattr(job, "open_session", lambda store, run_id, **kw: SimpleNamespace(
-        record=store.get(run_id), run_dir=Path(record.run_dir), holds_rented_machine=False))
+        record=store.get(run_id), run_dir=Path(record.run_dir), holds_rented_machine=False, workspace=object(),
+        machine=None))
     code, out, _ = launch("status", LONG_ID[:-1])
     assert code == 0
     assert "preempted (exit code 143)" in out and "vast:222, GPU: RTX 4090" in out
