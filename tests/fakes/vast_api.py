@@ -292,7 +292,7 @@ class FakeVast:
         with self._lock:
             self._stop_running(instance, "stopped")
             instance.status_msg = "stopped: outbid"  # intended_status stays running: it waits for its bid
-        _kill_marked(instance.marker, grace_s)
+        _kill_instance(instance, grace_s)
         _reap(instance)
 
     def vanish(self, instance_id: int) -> None:
@@ -302,7 +302,7 @@ class FakeVast:
             self._stop_running(instance, "offline")
             instance.vanished = True
             instance.destroyed_at = time.time()
-        _kill_marked(instance.marker, 0.0)
+        _kill_instance(instance, 0.0)
         _reap(instance)
 
     # ---- the API ----------------------------------------------------------------------------
@@ -498,7 +498,7 @@ class FakeVast:
         if state == "stopped" and instance.actual_status == "running":
             self._stop_running(instance, "stopped")
             instance.intended_status = "stopped"
-            _kill_marked(instance.marker, 2.0)
+            _kill_instance(instance, 2.0)
             _reap(instance)
         elif state == "running" and instance.actual_status in ("stopped", "exited"):
             if instance.bid is not None and instance.bid < instance.offer.min_bid:
@@ -524,7 +524,7 @@ class FakeVast:
             instance.destroyed_at = time.time()
             if instance.status_msg != "stopped: outbid":
                 instance.offer.rented = False  # the machine is free again (an outbidder keeps it)
-        _kill_marked(instance.marker, 0.0)
+        _kill_instance(instance, 0.0)
         _reap(instance)
 
     def _attach_ssh(self, instance_id: int, body: dict[str, Any], scope: Optional[int]) -> dict[str, Any]:
@@ -609,17 +609,45 @@ def _marked_pids(marker: str) -> list[int]:
     return pids
 
 
-def _kill_marked(marker: str, grace_s: float) -> None:
-    """Every process of an instance (its sshd, SSH sessions, and whatever they started, detached
-    or not: all carry the instance's marker in their environment): TERM, then KILL."""
+def _instance_pids(instance: FakeInstance) -> list[int]:
+    """Every process of an instance: what carries its marker in its environment (SSH sessions and
+    whatever they started, detached or not), and its sshd with every child of it (sshd rewrites its
+    own environment as it renames itself, so the listener and the per-connection sshd's carry no
+    marker to find)."""
+    pids = set(_marked_pids(instance.marker))
+    if instance.sshd is not None and instance.sshd.poll() is None:
+        pids |= {instance.sshd.pid, *_descendants(instance.sshd.pid)}
+    return sorted(pids)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_instance(instance: FakeInstance, grace_s: float) -> None:
+    """Every process of the instance, as a container stop: TERM (SSH stops answering at once,
+    open connections drop), then KILL after `grace_s`."""
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 0.0)):
-        for pid in _marked_pids(marker):
+        for pid in _instance_pids(instance):
             try:
                 os.kill(pid, sig)
             except OSError:
                 pass
         deadline = time.monotonic() + wait
-        while wait and time.monotonic() < deadline and _marked_pids(marker):
+        while wait and time.monotonic() < deadline and _marked_pids(instance.marker):
             time.sleep(0.05)
 
 
