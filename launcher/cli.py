@@ -106,6 +106,14 @@ def command_parser(command: str) -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None, console: Optional[Console] = None,
          errors: Optional[Console] = None) -> int:
+    import signal
+    import threading
+
+    # Ctrl-C detaches however we were started. A background job of a non-interactive shell
+    # (`launch ... &` in a script, a CI step) starts with SIGINT ignored, and Python then leaves
+    # it ignored: Ctrl-C or `kill -INT` would never reach us, and we would follow to the end.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     argv = sys.argv[1:] if argv is None else argv
     console = console or Console()
     errors = errors or Console(stderr=True, soft_wrap=True)  # one error, one line: never wrapped

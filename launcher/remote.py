@@ -19,13 +19,14 @@ import os
 import queue
 import re
 import shlex
+import signal
 import subprocess
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 from urllib.parse import urlsplit
 
 SSH_CONNECT_TIMEOUT_S = 10
@@ -114,9 +115,8 @@ class Machine:
         # hold our read end open.
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             try:
-                proc = subprocess.run(self.command(remote_command), stdout=out, stderr=err, timeout=timeout,
-                                      input=input_text.encode() if input_text is not None else None,
-                                      stdin=None if input_text is not None else subprocess.DEVNULL)
+                proc = _call(self.command(remote_command), stdout=out, stderr=err, timeout=timeout,
+                             input=input_text.encode() if input_text is not None else None)
             except subprocess.TimeoutExpired:
                 raise RemoteError(f"{self.name}: `{_short(remote_command)}` did not finish in {timeout:.0f} s") from None
             out.seek(0)
@@ -147,7 +147,7 @@ class Machine:
         argv += ["--delete"] if delete else []
         argv += [f"--exclude={pattern}" for pattern in exclude]
         argv += [source, destination]
-        proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        proc = _call(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if proc.returncode not in (0, 24):  # 24: files vanished while copying (a rotated checkpoint)
             detail = proc.stderr.strip().splitlines()
             raise RemoteError(f"{self.name}: rsync {source} -> {destination} failed (exit {proc.returncode})"
@@ -223,7 +223,9 @@ class _Tail:
             machine.ensure_connected()
         except RemoteError:
             pass  # the tail below fails too, and follow() tries again later
-        argv = machine.command(f"tail -n +{start_line + 1} -F {shlex.quote(path)} 2>/dev/null")
+        # exec: the tail is the process we started (locally; remotely, the session's command),
+        # not a child of a shell that would outlive the shell's end.
+        argv = machine.command(f"exec tail -n +{start_line + 1} -F {shlex.quote(path)} 2>/dev/null")
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      stdin=subprocess.DEVNULL, text=True, start_new_session=True)
         self.lines: queue.Queue = queue.Queue()
@@ -232,8 +234,9 @@ class _Tail:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
+        with self.proc.stdout:
+            for line in self.proc.stdout:
+                self.lines.put(line.rstrip("\n"))
         self.lines.put(None)
 
     def next(self, timeout: float) -> Optional[str]:
@@ -246,12 +249,10 @@ class _Tail:
         return line
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        """End the tail now: its whole process group (the local tail, or the ssh client and
+        anything it started). Runs in the `finally` of a Ctrl-C, so it never waits for long;
+        the reader thread then sees the end of the pipe and ends too."""
+        _kill_group(self.proc)
 
 
 class LocalMachine(Machine):
@@ -329,8 +330,11 @@ class SSHMachine(Machine):
         return f"{self.address.host}:{path}"
 
     def master_pid(self) -> Optional[int]:
-        proc = subprocess.run(["ssh", *self.ssh_options(), "-O", "check", self.address.host],
-                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        try:  # a question to the master over its local socket: a master that does not answer is none
+            proc = _call(["ssh", *self.ssh_options(), "-O", "check", self.address.host], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, timeout=SSH_CONNECT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return None
         found = re.search(r"pid=(\d+)", proc.stderr + proc.stdout)
         return int(found.group(1)) if proc.returncode == 0 and found else None
 
@@ -343,16 +347,63 @@ class SSHMachine(Machine):
         argv = ["ssh", *self._base_options(), "-o", "ControlMaster=yes", "-o", "ControlPersist=120",
                 "-N", "-f", self.address.host]
         with tempfile.TemporaryFile() as err:
-            proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
-                                  timeout=SSH_CONNECT_TIMEOUT_S * 3)
+            try:
+                # The master forks itself off (-f) into its own session once logged in; only the
+                # login is ours to wait for, and to cut short on Ctrl-C.
+                proc = _call(argv, stdout=subprocess.DEVNULL, stderr=err, timeout=SSH_CONNECT_TIMEOUT_S * 3)
+            except subprocess.TimeoutExpired:
+                raise Unreachable(f"{self.address}: cannot connect: no answer in {SSH_CONNECT_TIMEOUT_S * 3} s") from None
             err.seek(0)
             message = err.read().decode(errors="replace").strip()
         if proc.returncode != 0:
             raise Unreachable(f"{self.address}: cannot connect: {_ssh_reason(message)}")
 
     def close(self) -> None:
-        subprocess.run(["ssh", *self.ssh_options(), "-O", "exit", self.address.host],
-                       capture_output=True, stdin=subprocess.DEVNULL)
+        try:
+            _call(["ssh", *self.ssh_options(), "-O", "exit", self.address.host], stdout=subprocess.DEVNULL,
+                  stderr=subprocess.DEVNULL, timeout=SSH_CONNECT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pass  # a master that does not answer ends by itself (ControlPersist)
+
+
+def _call(argv: list[str], *, stdout: Any, stderr: Any, timeout: Optional[float] = None,
+          input: Optional[bytes] = None, text: bool = False) -> subprocess.CompletedProcess:
+    """subprocess.run for each short-lived command of ours (ssh, rsync, sh), but the command
+    runs in its own process group, and whatever ends our wait early (Ctrl-C, the timeout, any
+    error) ends that whole group at once, without waiting on it: subprocess.run kills only the
+    first process and then waits for it, and the rest (rsync's ssh, a local command's
+    children) would be reached by a terminal's Ctrl-C only, never by a plain `kill -INT`."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                            stdout=stdout, stderr=stderr, text=text, start_new_session=True)
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except BaseException:
+        _kill_group(proc)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 0.5) -> None:
+    """End the process group `proc` leads (start_new_session): TERM, and KILL if its leader is
+    still there after `grace_s`. Bounded: it never waits longer, whatever the group does. (An
+    unreaped leader keeps its pid, and so the group's id, from being reused: only then is the
+    group surely still ours.)"""
+    if proc.returncode is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except KeyboardInterrupt:  # Ctrl-C while we wait: kill, and let it go on
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone already
 
 
 def _ssh_reason(stderr: str) -> str:
