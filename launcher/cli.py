@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.prompt import Confirm
 from rich.table import Table
 
@@ -144,7 +145,7 @@ def main(argv: Optional[list[str]] = None, console: Optional[Console] = None,
 def _fail(errors: Console, e: BaseException, code: int, debug: bool) -> int:
     if debug:
         traceback.print_exc()
-    errors.print(f"[red]error:[/] {e}", markup=True, highlight=False)
+    errors.print(f"[red]error:[/] {escape(str(e))}", markup=True, highlight=False)  # the message's [..] are text
     return code
 
 
