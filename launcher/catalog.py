@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from launcher.providers.base import Offer
+
 MEMORY_IS_SUMMED = {"vast"}  # clouds whose GpuInfo memory is the row's total
 
 
@@ -55,6 +57,42 @@ def read_rows(cloud: str, folder: Path) -> Iterator[CatalogRow]:
                 usd_per_hour=_price(row.get("Price")), spot_usd_per_hour=_price(row.get("SpotPrice")),
                 region=row.get("Region") or None,
             )
+
+
+def region_rows(cloud: str, folder: Path) -> list[CatalogRow]:
+    """One row per instance type and region, as SkyPilot prices a launch pinned to a region: the
+    cheapest of its zones (aws lists each availability zone with its own spot price)."""
+    best: dict[tuple[str, Optional[str]], CatalogRow] = {}
+    for row in read_rows(cloud, folder):
+        key = (row.instance_type, row.region)
+        seen = best.get(key)
+        if seen is None:
+            best[key] = row
+            continue
+        best[key] = CatalogRow(
+            cloud=cloud, instance_type=row.instance_type, gpu_name=row.gpu_name, gpu_count=row.gpu_count,
+            vram_gb_per_gpu=seen.vram_gb_per_gpu or row.vram_gb_per_gpu,
+            usd_per_hour=_lowest(seen.usd_per_hour, row.usd_per_hour),
+            spot_usd_per_hour=_lowest(seen.spot_usd_per_hour, row.spot_usd_per_hour), region=row.region)
+    return list(best.values())
+
+
+def offers(cloud: str, folder: Path) -> list[Offer]:
+    """The cloud's GPU offers: each instance type and region once on demand, and once as spot
+    where it is sold so."""
+    out = []
+    for row in region_rows(cloud, folder):
+        for price, spot in ((row.usd_per_hour, False), (row.spot_usd_per_hour, True)):
+            if price:
+                out.append(Offer(provider=cloud, region=row.region, gpu=row.gpu_name, gpu_count=row.gpu_count,
+                                 vram_gb=row.vram_gb_per_gpu, usd_per_hour=price, interruptible=spot,
+                                 instance_type=row.instance_type))
+    return out
+
+
+def _lowest(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    prices = [p for p in (a, b) if p is not None]
+    return min(prices) if prices else None
 
 
 def _memory_per_gpu_gb(cloud: str, gpu_info: str, count: int) -> Optional[float]:

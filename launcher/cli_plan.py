@@ -15,7 +15,7 @@ from launcher.config import LaunchConfig, load as load_config
 from launcher.errors import EXIT_NO_OFFER, UsageError
 from launcher.offers import no_fit_message
 from launcher.paths import DEFAULT_CONFIG, find_config
-from launcher.plan_table import render_plan
+from launcher.plan_table import UNRENTABLE_MARK, render_plan
 from launcher.preflight import PreflightReport, check_data
 from launcher.providers.base import Need, Offer
 from launcher.providers.local import LocalProvider
@@ -113,6 +113,8 @@ def target_offers(config: LaunchConfig, errors: Console) -> list[Offer]:
 def render_offers(console: Console, plan: planning.Plan, limit: int, show_all: bool = False) -> None:
     render_plan(console, plan.rows, plan.choice, plan.need, limit=limit, show_all=show_all,
                 rentable=planning.can_rent)
+    for line in plan.notes:  # why the † offers cannot be rented, and the fix
+        console.print(f"{UNRENTABLE_MARK} {line}", highlight=False, markup=False)
 
 
 def _warner(errors: Console) -> Any:

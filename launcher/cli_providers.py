@@ -58,13 +58,20 @@ def provider_checks() -> list[CheckLine]:
     return out
 
 
+def market_checks() -> list[CheckLine]:
+    """The markets a provider rents besides its own name (the SkyPilot clouds), one line each."""
+    return [CheckLine(market, found.usable, f"through {name}: {found.detail}", found.fix)
+            for name, cls in PROVIDERS.items() for market, found in cls.market_availability().items()]
+
+
 def cmd_check(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
-    providers, laptop = provider_checks(), laptop_checks()
+    providers, markets, laptop = provider_checks(), market_checks(), laptop_checks()
     if args.json:
         console.print_json(json.dumps({"providers": [asdict(c) for c in providers],
+                                       "markets": [asdict(c) for c in markets],
                                        "laptop": [asdict(c) for c in laptop]}))
     else:
-        for title, lines in (("providers", providers), ("this machine", laptop)):
+        for title, lines in (("providers", providers), ("clouds", markets), ("this machine", laptop)):
             table = Table(title=title, show_header=False, expand=False)
             table.add_column(no_wrap=True)
             table.add_column(no_wrap=True)

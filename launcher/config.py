@@ -34,6 +34,9 @@ class ResourcesBase(BaseModel):
     target: Optional[str] = None  # local | ssh://user@host[:port] | an ~/.ssh/config alias
     gpu: Optional[str] = None  # e.g. A10G, or A10G:2; `any` (or unset): whichever GPU the plan picks
     gpus: Optional[int] = Field(None, ge=1)  # GPUs per machine; unset: as many as the job needs
+    # Machines (SkyPilot nodes) training together, data parallel; more than 1 rents on the clouds
+    # SkyPilot can make several nodes on (not RunPod, not Vast.ai).
+    nodes: int = Field(1, ge=1)
     max_price: Optional[float] = Field(None, gt=0)  # USD per hour
     max_total_usd: Optional[float] = Field(None, gt=0)
     providers: Optional[list[str]] = None

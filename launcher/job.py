@@ -33,7 +33,7 @@ from launcher import planning, renting, sync
 from launcher.checkpoints import LocalCheckpoints
 from launcher.config import LaunchConfig, load as load_config
 from launcher.errors import EXIT_TARGET, EXIT_USAGE
-from launcher.providers import provider_for_target, provider_named
+from launcher.providers import provider_for_target, provider_named, renter_name
 from launcher.providers.base import (
     LOST_STATES, Machine, MachineSpec, Need, Offer, Provider, ProviderError, Restartable,
 )
@@ -202,7 +202,7 @@ def create_run(config: LaunchConfig, runs_dir: Path, store: RunStore, target: Op
     """The run record and the local run folder, before anything is touched on the target.
     `target`: your own machine (local or an SSH box); else the run rents on `planned_provider`."""
     provider = provider_for_target(target, config.resources) if target else \
-        provider_named(planned_provider or "", config.resources)
+        provider_named(renter_name(planned_provider or ""), config.resources)
     run_id = new_run_id(config.path)
     run_dir = runs_dir.resolve() / run_id
     run_dir.mkdir(parents=True)

@@ -161,18 +161,13 @@ def _training_tokens(config: LaunchConfig, lengths: dataset_lengths.ExampleLengt
 
 
 def catalog_offers(folder: Optional[Path] = None) -> list[Offer]:
-    """Every GPU row of the catalogs (each cloud with a v8/<cloud>/vms.csv), once on demand and
-    once as spot where priced so."""
+    """Every GPU offer of the catalogs (each cloud with a v8/<cloud>/vms.csv): each instance type
+    and region once on demand, and once as spot where priced so (catalog.offers)."""
     folder = folder or catalog.catalog_dir() or SHIPPED_CATALOGS
-    offers = []
+    found: list[Offer] = []
     for cloud in sorted(p.parent.name for p in (folder / "v8").glob("*/vms.csv")):
-        for row in catalog.read_rows(cloud, folder):
-            for price, spot in ((row.usd_per_hour, False), (row.spot_usd_per_hour, True)):
-                if price:
-                    offers.append(Offer(provider=cloud, region=row.region, gpu=row.gpu_name,
-                                        gpu_count=row.gpu_count, vram_gb=row.vram_gb_per_gpu, usd_per_hour=price,
-                                        interruptible=spot, instance_type=row.instance_type))
-    return offers
+        found += catalog.offers(cloud, folder)
+    return found
 
 
 def evaluate(offer: Offer, need: JobNeed, measured: Optional[list[MeasuredSpeed]] = None) -> PlannedOffer:

@@ -15,7 +15,7 @@ from launcher.config import ConfigError, LaunchConfig
 from launcher.errors import EXIT_NO_OFFER, EXIT_USAGE
 from launcher.estimate import UnknownModel
 from launcher.gpus import UnknownGPU, parse_request
-from launcher.providers import PROVIDERS, provider_named, rentable
+from launcher.providers import PROVIDERS, markets_of, provider_named, rentable, renter_of
 from launcher.providers.base import Need, Offer, ProviderError, availability
 from launcher.runs import MeasuredSpeed
 
@@ -50,17 +50,65 @@ class Plan:
         """The fitting offers `launch` can rent, in plan order."""
         return [p.offer for p in self.rows if p.fits and can_rent(p.offer)]
 
+    @property
+    def notes(self) -> list[str]:
+        """Why the fitting offers `launch` cannot rent are so, per market, cheapest first (a cloud
+        without credentials: SkyPilot's reason and `sky check <cloud>`), at most MAX_NOTES."""
+        return unrentable_notes(self.rows)
+
     def as_json(self) -> dict[str, Any]:
         out = ranking.plan_json(self.rows, self.choice, self.need)
         for row, planned in zip(out["offers"], self.rows):
             row["rentable"] = can_rent(planned.offer)
+        out["notes"] = self.notes
         return out
+
+
+MAX_NOTES = 4
 
 
 def can_rent(offer: Offer) -> bool:
     """Whether `launch` can rent this offer from here (its provider rents, and this offer is one it can)."""
-    provider = PROVIDERS.get(offer.provider)
+    provider = renter_of(offer.provider)
     return provider is not None and provider.rents_machines and provider.can_rent(offer)
+
+
+def market_line(market: str) -> Optional[str]:
+    """Why a market cannot be rented from here, with the fix ("aws: not enabled: ...; run `sky
+    check aws`"); None when it can, or when nothing of ours rents it."""
+    provider = renter_of(market)
+    if provider is None or not provider.rents_machines:
+        return None
+    found = provider.market_availability().get(market) or availability(provider)
+    if found.usable:
+        return None
+    return f"{market}: {found.detail}" + (f"; {found.fix}" if found.fix else "")
+
+
+def unrentable_notes(rows: Sequence[ranking.PlannedOffer]) -> list[str]:
+    notes: list[str] = []
+    seen: set[str] = set()
+    for planned in rows:
+        market = planned.offer.provider
+        if not planned.fits or market in seen or planned.offer.target is not None or can_rent(planned.offer):
+            continue
+        seen.add(market)
+        line = market_line(market)
+        if line:
+            notes.append(line)
+        if len(notes) == MAX_NOTES:
+            break
+    return notes
+
+
+def expand_providers(names: Optional[Sequence[str]]) -> Optional[tuple[str, ...]]:
+    """resources.providers with each registered provider's markets added (`sky`: aws, gcp, ...)."""
+    if not names:
+        return None
+    out: list[str] = []
+    for name in names:
+        out += [m for m in markets_of(name) if m not in out]
+    return tuple(out)
 
 
 def example_tokens(config: LaunchConfig) -> Optional[list[int]]:
@@ -85,7 +133,7 @@ def constraints_for(resources: Any) -> ranking.Constraints:
                           f"{resources.gpus}: say it once (e.g. --gpu {gpu_text.split(':')[0]}:{resources.gpus})")
     return ranking.Constraints(
         gpu=gpu, gpu_count=named_count or resources.gpus,
-        providers=tuple(resources.providers) if resources.providers else None,
+        providers=expand_providers(resources.providers),
         interruptible=resources.interruptible, max_usd_per_hour=resources.max_price,
         max_total_usd=resources.max_total_usd)
 
@@ -105,21 +153,26 @@ def market(config: LaunchConfig, need: ranking.JobNeed, constraints: ranking.Con
     an unusable provider the user asked for (or `launch` would rent on) is named, with `launch check`."""
     found = ranking.catalog_offers()
     for name in rentable():
-        if constraints.providers and name not in constraints.providers:
+        covered = markets_of(name)
+        if constraints.providers and not set(covered) & set(constraints.providers):
             continue
         provider_class = PROVIDERS[name]
         usable = availability(provider_class)
         if not usable.usable:
-            if renting or (constraints.providers and name in constraints.providers):
-                warn(f"{provider_class.title} is not usable here ({usable.detail}); priced from its catalog, "
-                     "not rentable: `launch check` says how to set it up")
+            asked = [m for m in covered if constraints.providers and m in constraints.providers]
+            if renting or asked:
+                for market in [m for m in asked if m != name] or [name]:
+                    line = market_line(market) if market != name else None
+                    warn(line or f"{provider_class.title} is not usable here ({usable.detail}); priced from its "
+                         "catalog, not rentable: `launch check` says how to set it up")
             continue
         try:
             live = provider_named(name, config.resources, log=warn).offers(live_need(need, constraints))
         except ProviderError as e:
             warn(f"{provider_class.title} live offers unavailable ({e}); priced from its catalog")
             continue
-        found = [o for o in found if o.provider != name] + live
+        replaced = set(covered) if not provider_class.markets else {o.provider for o in live}
+        found = [o for o in found if o.provider not in replaced] + live
     return found
 
 
@@ -172,11 +225,12 @@ def unrentable_message(plan: Plan) -> str:
     best = plan.rows[plan.choice]
     o = best.offer
     unusable = [PROVIDERS[name] for name in rentable() if not availability(PROVIDERS[name]).usable]
-    if o.provider in rentable() or unusable:
-        how = "`launch check` says how to set up " + ", ".join(p.title for p in unusable or [PROVIDERS[o.provider]])
+    renter = renter_of(o.provider)
+    if (renter is not None and renter.rents_machines) or unusable:
+        how = "`launch check` says how to set up " + ", ".join(p.title for p in unusable or [renter])  # type: ignore[list-item]
     else:
         how = f"try --providers {','.join(rentable())}"
+    why = "".join(f"\n  {line}" for line in plan.notes)
     return (f"the plan picks {o.gpu_count}x {o.gpu} on {o.provider} ({'spot' if o.interruptible else 'on-demand'}, "
-            f"${o.usd_per_hour:.3f}/h, est. ${best.est_total_usd:.2f} in all), but it cannot be rented from here: "
-            f"renting works on {', '.join(rentable())} so far ({how}); to train now pass --target "
-            "ssh://you@your-gpu-box (or local)")
+            f"${o.usd_per_hour:.3f}/h, est. ${best.est_total_usd:.2f} in all), but it cannot be rented from here "
+            f"({how}); to train now pass --target ssh://you@your-gpu-box (or local){why}")

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from launcher.providers import provider_named
+from launcher.providers import provider_named, renter_name
 from launcher.providers.base import CredentialsError, MachineSpec, Offer, Provider, ProviderError, Provisioned
 from launcher.remote import RemoteError
 from launcher.runs import MachineRecord, RunRecord, RunStore
@@ -61,9 +61,10 @@ def rent(store: RunStore, run_id: str, run_dir: Path, candidates: list[Offer], r
         # An offer is a machine, listed once per market: a machine that failed is not tried again.
         if offer_key(offer) in tried:
             continue
-        provider = providers.get(offer.provider) or provider_named(offer.provider, resources, log=warn)
-        providers[offer.provider] = provider
-        if attempts.get(offer.provider, 0) >= provider.max_offers_tried:
+        renter = renter_name(offer.provider)  # aws, lambda, ...: the SkyPilot provider rents them
+        provider = providers.get(renter) or provider_named(renter, resources, log=warn)
+        providers[renter] = provider
+        if attempts.get(offer.provider, 0) >= provider.max_offers_tried:  # per market: one cloud failing is not all
             continue
         attempts[offer.provider] = attempts.get(offer.provider, 0) + 1
         phase(f"renting {describe(offer)}")

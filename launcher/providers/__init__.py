@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 
 from launcher.providers.base import Offer, Provider, ProviderContext, ProviderError, Sweepable
 from launcher.providers.local import LocalProvider
+from launcher.providers.sky import SkyProvider
 from launcher.providers.ssh import SSHProvider
 from launcher.providers.vast import VastProvider
 
@@ -18,7 +19,27 @@ PROVIDERS: dict[str, type[Provider]] = {
     LocalProvider.name: LocalProvider,
     SSHProvider.name: SSHProvider,
     VastProvider.name: VastProvider,
+    SkyProvider.name: SkyProvider,
 }
+
+
+def renter_of(market: str) -> Optional[type[Provider]]:
+    """The provider that rents an offer of `market` (an Offer's provider: vast, aws, lambda, ...)."""
+    if market in PROVIDERS:
+        return PROVIDERS[market]
+    return next((cls for cls in PROVIDERS.values() if market in cls.markets), None)
+
+
+def renter_name(market: str) -> str:
+    """The registry name of the provider renting `market` (the market itself when none does)."""
+    cls = renter_of(market)
+    return cls.name if cls is not None else market
+
+
+def markets_of(name: str) -> tuple[str, ...]:
+    """The offer providers a registered provider covers: its own name and its markets."""
+    cls = PROVIDERS.get(name)
+    return (name, *cls.markets) if cls is not None else (name,)
 
 
 def rentable() -> tuple[str, ...]:
@@ -54,5 +75,5 @@ def provider_for_target(target: str, resources: Optional[Any] = None) -> Provide
     return provider_named(SSHProvider.name, resources, address=target)
 
 
-__all__ = ["PROVIDERS", "Offer", "Provider", "ProviderError", "provider_named", "provider_for_target", "rentable",
-           "settings_models", "sweepable"]
+__all__ = ["PROVIDERS", "Offer", "Provider", "ProviderError", "markets_of", "provider_named", "provider_for_target",
+           "rentable", "renter_name", "renter_of", "settings_models", "sweepable"]

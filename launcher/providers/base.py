@@ -134,6 +134,9 @@ class Provider(ABC):
     title: ClassVar[str]  # how a person names it: "Vast.ai"
     rents_machines: ClassVar[bool] = False
     settings_model: ClassVar[Optional[type]] = None  # a pydantic model: resources.<name> in the job YAML
+    # The offer providers (markets) it rents besides its own name: the SkyPilot provider rents the
+    # offers of aws, gcp, lambda, ... (an Offer's `provider` is the market a person recognises).
+    markets: ClassVar[tuple[str, ...]] = ()
     log: Callable[[str], None] = staticmethod(lambda text: None)  # warnings for the user (the reporter's)
 
     @classmethod
@@ -145,6 +148,11 @@ class Provider(ABC):
     def can_rent(cls, offer: Offer) -> bool:
         """Whether provision() can rent this offer (a renting provider may rent only its live offers)."""
         return cls.rents_machines
+
+    @classmethod
+    def market_availability(cls) -> dict[str, Availability]:
+        """Per market (see `markets`): whether it can be rented from here; `launch check` lists each."""
+        return {}
 
     @property
     def max_offers_tried(self) -> int:

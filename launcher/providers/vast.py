@@ -9,7 +9,7 @@ What users of other tools lost money or hours on, and what this module does inst
   timeout; an instance that never answers SSH (direct port, then the proxy) is destroyed.
 - Any failure after create destroys the instance before the error is raised.
 - The real $/h is read back from the instance; above the quote, the caller is warned.
-- The instance carries a watchdog (cluster_templates/vast_watchdog.py, its on-start command)
+- The instance carries a watchdog (cluster_templates/idle_watchdog.py, its on-start command)
   that stops it when no job runs and the launcher has not looked in for a while.
 
 Settings (resources.vast in the job YAML) hold the quality filters and the timeouts."""
@@ -40,7 +40,7 @@ from launcher.providers.vast_api import (
 from launcher.remote import Machine, SSHAddress, SSHMachine, SSHOptions, Unreachable
 from launcher.runs import state_dir
 
-WATCHDOG = CLUSTER_TEMPLATES / "vast_watchdog.py"
+WATCHDOG = CLUSTER_TEMPLATES / "idle_watchdog.py"  # with QLORA_WATCHDOG_ON_IDLE=stop-vast (its default)
 BOOTSTRAP = CLUSTER_TEMPLATES / "bootstrap.sh"
 REQUIREMENTS = RUNNER_REQUIREMENTS
 ONSTART_LIMIT = 4048  # characters Vast accepts in `onstart`
@@ -431,7 +431,7 @@ def onstart_command(settings: VastSettings, workdir: str, prebuild_venv: bool = 
     pip runs while the launcher still waits for SSH and syncs the data; the launcher's bootstrap
     then finds it ready (or waits on its lock). Packed with gzip+base64: Vast caps on-start at
     4048 characters; comment lines of the shell script are dropped to fit."""
-    files = {"vast_watchdog.py": WATCHDOG.read_text(), "requirements.txt": requirements.read_text()}
+    files = {"idle_watchdog.py": WATCHDOG.read_text(), "requirements.txt": requirements.read_text()}
     if prebuild_venv:
         files["bootstrap.sh"] = "\n".join(line for n, line in enumerate(BOOTSTRAP.read_text().splitlines())
                                           if n == 0 or not line.lstrip().startswith("#")) + "\n"
@@ -440,7 +440,7 @@ def onstart_command(settings: VastSettings, workdir: str, prebuild_venv: bool = 
     work = workdir.replace("~", "$HOME", 1) if workdir.startswith("~") else shlex.quote(workdir)
     command = (f"mkdir -p {folder} && echo {packed} | base64 -d | tar xz -C {folder} && "
                f"(QLORA_WATCHDOG_IDLE_S={int(settings.watchdog_idle_minutes * 60)} QLORA_WORKDIR={work} "
-               f"nohup python3 {folder}/vast_watchdog.py >> {folder}/watchdog.log 2>&1 &)")
+               f"nohup python3 {folder}/idle_watchdog.py >> {folder}/watchdog.log 2>&1 &)")
     if prebuild_venv:
         command += (f"; (QLORA_WORKDIR={work} QLORA_REQUIREMENTS={folder}/requirements.txt QLORA_VENV_ONLY=1 "
                     f"nohup sh {folder}/bootstrap.sh >> {folder}/bootstrap.log 2>&1 &)")

@@ -31,7 +31,7 @@ import pytest
 from tests.helpers import ROOT
 
 CONSTRAINTS = ROOT / "constraints" / "cpu.txt"
-BOOTSTRAP_FILES = ("bootstrap.sh", "stack_check.py", "vast_watchdog.py")
+BOOTSTRAP_FILES = ("bootstrap.sh", "stack_check.py", "idle_watchdog.py")
 NOT_COPIED = {".git", ".venv", "build", "dist", "runs", "__pycache__", ".pytest_cache"}
 
 

@@ -259,7 +259,7 @@ def test_the_on_start_builds_the_venv_at_boot_for_the_launchers_bootstrap_to_reu
                                                             "QLORA_VENV_ONLY": "1"})
         assert later.returncode == 0 and "reusing venv" in later.stdout, later.stdout + later.stderr
     finally:
-        subprocess.run(["pkill", "-f", str(home / ".qlora-launch" / "vast_watchdog.py")])
+        subprocess.run(["pkill", "-f", str(home / ".qlora-launch" / "idle_watchdog.py")])
 
 
 def test_the_fake_speaks_the_real_vastai_sdk(vast: FakeVast, tmp_path):

@@ -72,8 +72,13 @@ def test_asking_for_a10g_finds_the_aws_g5_offers():
     rows, choice = offers.plan(offers.catalog_offers(ROOT / "catalogs"), need,
                                offers.Constraints(gpu=resolve("A10G")))
     catalog_rows = [r for r in read_rows("aws", ROOT / "catalogs") if r.gpu_name == "A10G"]
-    markets = sum(bool(r.usd_per_hour) + bool(r.spot_usd_per_hour) for r in catalog_rows)
-    assert len(rows) == markets > 0
+    # One offer per instance type, region and market: a region's zones are one offer at the
+    # cheapest zone's price, as SkyPilot prices a launch pinned to that region.
+    markets = {(r.instance_type, r.region, spot) for r in catalog_rows
+               for spot, price in ((False, r.usd_per_hour), (True, r.spot_usd_per_hour)) if price}
+    assert len(rows) == len(markets) > 0
+    cheapest_spot = min(r.spot_usd_per_hour for r in catalog_rows if r.spot_usd_per_hour)
+    assert min(p.offer.usd_per_hour for p in rows if p.offer.interruptible) == cheapest_spot
     assert {p.offer.provider for p in rows} == {"aws"}
     assert all(p.offer.instance_type.startswith("g5.") for p in rows)
     assert choice == 0 and rows[0].fits
@@ -141,7 +146,7 @@ def test_plan_json_lists_every_row_of_the_gpu_and_marks_the_choice(tmp_path):
                        "--json")
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
-    assert set(plan) == {"need", "offers", "choice"}
+    assert set(plan) == {"need", "offers", "choice", "notes"}
     assert plan["need"]["vram_gb"] > 5 and plan["need"]["tokens"] > 0
     chosen = plan["offers"][plan["choice"]]
     assert chosen["fits"] and chosen["gpu"] == "A10G"

@@ -1,0 +1,484 @@
+"""The clouds through SkyPilot (AWS, GCP, Azure, Lambda, RunPod, DigitalOcean): we write no cloud
+client of our own. An offer here is one row of SkyPilot's price catalog (its provider field is
+the cloud); renting it launches a SkyPilot cluster pinned to that row, and the job then runs over
+SSH through the same shell workspace as on every other target.
+
+What users of SkyPilot lost money or hours on, and what this module does instead:
+- A cluster whose setup failed stays up, billing, "kept for debugging": any exception after the
+  launch call (setup failed, SSH never answered, Ctrl-C) downs the cluster before it is raised.
+- Autodown not set, or set and firing under a running job (idleness is SkyPilot's job queue, a
+  runner started over SSH is invisible to it): the cluster's own job is a keep-alive watchdog
+  (cluster_templates/sky_task.yaml) and autostop is armed at launch with down=True.
+- Requests stuck on an API server that does not answer: every call is bounded (sky_client.py).
+- Catalog vs. billed price: our cost is the catalog price x uptime, and the summary says so.
+
+SkyPilot is an extra (`pip install 'qlora-launch[sky]'`); without it the clouds are priced from
+the shipped catalog snapshots and renting says how to install it."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from launcher import catalog
+from launcher.paths import SHIPPED_CATALOGS
+from launcher.providers import sky_client
+from launcher.providers.base import (
+    Availability, LabelledMachine, MachineSpec, MachineState, NeedsCredentials, Need, Offer, Provider,
+    ProviderContext, ProviderError, Provisioned, Sweepable,
+)
+from launcher.providers.sky_task import CLUSTER_PREFIX, build_task, cluster_name, task_config
+from launcher.remote import Machine, SSHAddress, SSHMachine, SSHOptions, Unreachable
+from launcher.runs import state_dir
+
+# The clouds this provider rents on, by SkyPilot's names. Vast.ai has a provider of its own (live
+# offers, its own watchdog); Kubernetes, SSH node pools and Slurm have no price catalog.
+SKY_CLOUDS = ("aws", "gcp", "azure", "lambda", "runpod", "do")
+SINGLE_NODE_CLOUDS = ("runpod",)  # SkyPilot provisions one node there (and on Vast.ai)
+TITLES = {"aws": "AWS", "gcp": "GCP", "azure": "Azure", "lambda": "Lambda", "runpod": "RunPod", "do": "DigitalOcean"}
+# Where each cloud's credentials live, so a laptop with none is told at once, without importing
+# SkyPilot (3 s) or asking the cloud (from each cloud's check_credentials in sky/clouds/).
+CREDENTIAL_SOURCES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # cloud: (env vars, files)
+    "aws": (("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+            ("~/.aws/credentials", "~/.aws/config")),
+    "gcp": (("GOOGLE_APPLICATION_CREDENTIALS",),
+            ("~/.config/gcloud/application_default_credentials.json", "~/.config/gcloud/credentials.db")),
+    "azure": ((), ("~/.azure/msal_token_cache.json",)),
+    "lambda": ((), ("~/.lambda_cloud/lambda_keys",)),
+    "runpod": (("RUNPOD_API_KEY",), ("~/.runpod/config.toml",)),
+    "do": ((), ("~/.config/doctl/config.yaml",)),
+}
+TERMINATE_TRIES = 4
+
+
+class SkySettings(BaseModel):
+    """resources.sky: which clouds to rent on, and how a cluster is torn down."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clouds: list[str] = Field(default_factory=lambda: list(SKY_CLOUDS))
+    # Autodown: the cluster is torn down (not stopped: a stopped cloud VM still bills its disk) this
+    # long after its keep-alive job ends, i.e. after the run is over and the launcher has gone.
+    idle_minutes: int = Field(10, ge=1)
+    # The keep-alive job ends when no runner trains and the launcher has not looked in this long.
+    watchdog_idle_minutes: float = Field(30.0, gt=0)
+    image_id: Optional[str] = None  # None: SkyPilot's default GPU image for the cloud (CUDA, python3)
+    disk_gb: int = Field(100, ge=20)  # the node's disk: venv ~8 GB, model, checkpoints
+    launch_timeout_s: float = Field(2400.0, gt=0)  # provisioning + SkyPilot's setup (it installs its runtime)
+    ssh_timeout_s: float = Field(300.0, gt=0)  # up, but SSH silent this long: downed
+    api_server_timeout_s: float = Field(120.0, gt=0)  # SkyPilot's API server must answer within this
+    max_offers_tried: int = Field(3, ge=1)
+
+    @field_validator("clouds")
+    @classmethod
+    def _known(cls, clouds: list[str]) -> list[str]:
+        unknown = [c for c in clouds if c not in SKY_CLOUDS]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a cloud we rent on through SkyPilot; "
+                             f"choose from {', '.join(SKY_CLOUDS)}")
+        return clouds
+
+
+class SkyMachine(SSHMachine):
+    """The head node of a SkyPilot cluster; `address` None when it cannot be reached (gone)."""
+
+    def __init__(self, cluster: str, address: Optional[SSHAddress], options: SSHOptions) -> None:
+        super().__init__(address or SSHAddress(host="unreachable.invalid"), options)
+        self.cluster = cluster
+        self.name = machine_name(cluster)
+
+
+def machine_name(cluster: str) -> str:
+    return f"sky:{cluster}"
+
+
+# ---------------------------------------------------------------------------------------------
+# credentials, per cloud
+# ---------------------------------------------------------------------------------------------
+
+
+def local_credentials(cloud: str) -> Optional[str]:
+    """Where this cloud's credentials were found here (an env var or a file), else None."""
+    env_vars, files = credential_sources(cloud)
+    for var in env_vars:
+        if os.environ.get(var):
+            return var
+    for file in files:
+        if Path(file).expanduser().is_file():
+            return file
+    return None
+
+
+def credential_sources(cloud: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    env_vars, files = CREDENTIAL_SOURCES.get(cloud, ((), ()))
+    if cloud == "aws":  # boto reads these files from where these variables say, when they are set
+        files = (os.environ.get("AWS_SHARED_CREDENTIALS_FILE", files[0]), os.environ.get("AWS_CONFIG_FILE", files[1]))
+    return env_vars, files
+
+
+@functools.lru_cache(maxsize=None)
+def cloud_availability(cloud: str) -> Availability:
+    """Whether SkyPilot can rent on `cloud` from here: its own check_credentials (no API server),
+    asked only when credentials are there at all. Cached for the process."""
+    title = TITLES.get(cloud, cloud)
+    if not sky_client.installed():
+        return Availability(False, f"{title}: SkyPilot is not installed", "pip install 'qlora-launch[sky]'")
+    source = local_credentials(cloud)
+    if source is None:
+        env_vars, files = credential_sources(cloud)
+        where = ", ".join(env_vars + files)
+        return Availability(False, f"not enabled: no {title} credentials here (looked in {where})",
+                            f"set up {title}'s credentials, then run `sky check {cloud}`")
+    try:
+        sky = sky_client.import_sky()
+        from sky.clouds import cloud as cloud_lib
+
+        ok, reason = sky.CLOUD_REGISTRY.from_str(cloud).check_credentials(cloud_lib.CloudCapability.COMPUTE)
+    except Exception as e:  # noqa: BLE001  (a cloud's check can fail in many ways: a missing SDK extra...)
+        ok, reason = False, f"{type(e).__name__}: {e}"
+    if ok:
+        return Availability(True, f"{title}: enabled (credentials from {source})")
+    return Availability(False, f"not enabled: {sky_client.first_line(reason)}", f"run `sky check {cloud}`")
+
+
+def enabled_clouds(clouds: tuple[str, ...] = SKY_CLOUDS) -> list[str]:
+    return [c for c in clouds if cloud_availability(c).usable]
+
+
+# ---------------------------------------------------------------------------------------------
+# offers: SkyPilot's catalog code when it is installed (its catalogs refresh themselves with a
+# network), else the shipped snapshots
+# ---------------------------------------------------------------------------------------------
+
+
+def snapshot_offers(cloud: str, folder: Optional[Path] = None) -> list[Offer]:
+    """The cloud's offers from the shipped catalog snapshot, priced as SkyPilot prices them."""
+    folder = folder or catalog.catalog_dir() or SHIPPED_CATALOGS
+    return catalog.offers(cloud, folder) if (folder / "v8" / cloud / "vms.csv").is_file() else []
+
+
+def sky_catalog_offers(cloud: str) -> list[Offer]:
+    """Every GPU instance of `cloud` in every region, as SkyPilot's catalog prices it."""
+    sky_client.import_sky()
+    from sky import catalog as sky_catalog
+
+    listed = sky_catalog.list_accelerators(gpus_only=True, clouds=cloud, all_regions=True, require_price=True)
+    out = []
+    for infos in listed.values():
+        for info in infos:
+            for price, spot in ((info.price, False), (info.spot_price, True)):
+                if price and price == price and price > 0:  # NaN: not sold so
+                    out.append(Offer(provider=cloud, region=info.region, gpu=info.accelerator_name,
+                                     gpu_count=int(info.accelerator_count), vram_gb=_gb(info.device_memory),
+                                     usd_per_hour=float(price), interruptible=spot,
+                                     instance_type=info.instance_type))
+    return out
+
+
+def _gb(value: Any) -> Optional[float]:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return round(number, 2) if number == number and number > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the provider
+# ---------------------------------------------------------------------------------------------
+
+
+class SkyProvider(Provider, Sweepable, NeedsCredentials):
+    name = "sky"
+    title = "SkyPilot clouds"
+    rents_machines = True
+    settings_model = SkySettings
+    markets = SKY_CLOUDS
+
+    def __init__(self, settings: Optional[SkySettings] = None, log: Callable[[str], None] = lambda text: None,
+                 workdir: Optional[str] = None, nodes: int = 1, client: Any = None) -> None:
+        self.settings = settings or SkySettings()
+        self.log = log
+        self.workdir = workdir or self.default_workdir()
+        self.nodes = nodes
+        self._client = client  # tests: a stand-in for the `sky` module; else SkyPilot through its API server
+
+    @classmethod
+    def from_context(cls, context: ProviderContext) -> "SkyProvider":
+        r = context.resources
+        return cls(context.settings, log=context.log, workdir=r.workdir if r else None,
+                   nodes=(getattr(r, "nodes", None) or 1) if r else 1)
+
+    @classmethod
+    def can_rent(cls, offer: Offer) -> bool:
+        return offer.provider in SKY_CLOUDS and cloud_availability(offer.provider).usable
+
+    @classmethod
+    def availability(cls) -> Availability:
+        if not sky_client.installed():
+            return Availability(False, "SkyPilot is not installed", "pip install 'qlora-launch[sky]'")
+        enabled = enabled_clouds()
+        if enabled:
+            return Availability(True, "enabled: " + ", ".join(TITLES[c] for c in enabled))
+        return Availability(False, "no cloud enabled (each is listed below)", "`sky check` says what each needs")
+
+    @classmethod
+    def market_availability(cls) -> dict[str, Availability]:
+        return {cloud: cloud_availability(cloud) for cloud in SKY_CLOUDS}
+
+    @property
+    def max_offers_tried(self) -> int:
+        return self.settings.max_offers_tried
+
+    @property
+    def sky(self) -> Any:
+        if self._client is None:
+            self._client = sky_client.SkyServer(self.settings.api_server_timeout_s, self.log).ensure()
+        return self._client
+
+    # ---- offers -----------------------------------------------------------------------------
+
+    def offers(self, need: Need, usd_per_hour: float = 0.0) -> list[Offer]:
+        """The configured clouds' GPU offers (every region, both markets), priced by SkyPilot's
+        catalog when it is installed, else by the shipped snapshots; multi-node jobs only where
+        SkyPilot can make several nodes. The planner does the fitting."""
+        out: list[Offer] = []
+        for cloud in self.settings.clouds:
+            if self.nodes > 1 and cloud in SINGLE_NODE_CLOUDS:
+                continue
+            try:
+                found = sky_catalog_offers(cloud) if sky_client.installed() else snapshot_offers(cloud)
+            except Exception as e:  # noqa: BLE001  (no network for a first download, a catalog SkyPilot lacks)
+                found = snapshot_offers(cloud)
+                self.log(f"{TITLES[cloud]}: SkyPilot's catalog unavailable ({sky_client.first_line(e)}); "
+                         + ("priced from the shipped snapshot" if found else "not priced"))
+            out += [o for o in found if _matches(o, need)]
+        return out
+
+    # ---- provisioning -----------------------------------------------------------------------
+
+    def provision(self, offer: Offer, spec: MachineSpec) -> Provisioned:
+        """Launch a cluster pinned to `offer`, with autodown armed; wait until its head answers SSH.
+        Any failure after the launch call downs the cluster before the error is raised."""
+        if offer.provider not in SKY_CLOUDS:
+            raise ProviderError(f"{offer.provider} is not a cloud we rent on through SkyPilot")
+        if self.nodes > 1 and offer.provider in SINGLE_NODE_CLOUDS:
+            raise ProviderError(f"{TITLES[offer.provider]} cannot make several nodes (resources.nodes: {self.nodes})")
+        sky = self.sky
+        cluster = cluster_name(spec.run_id)
+        task = build_task(sky, offer, workdir=self.workdir, watchdog_idle_s=self.settings.watchdog_idle_minutes * 60,
+                          disk_gb=self.settings.disk_gb, image_id=self.settings.image_id, nodes=self.nodes)
+        log_path = state_dir() / "sky" / f"{cluster}.log"
+        self.log(f"SkyPilot is launching {cluster} ({offer.instance_type} in {offer.region}); its output: {log_path}")
+        request = None
+        try:
+            request = sky.launch(task, cluster_name=cluster, idle_minutes_to_autostop=self.settings.idle_minutes,
+                                 down=True, wait_for=_wait_for_jobs(), retry_until_up=False)
+            sink = sky_client.LineSink(log_path)
+            try:
+                sky_client.bounded("the launch", lambda: sky.stream_and_get(request, output_stream=sink),
+                                   self.settings.launch_timeout_s)
+            finally:
+                sink.close()
+            running_since = time.time()
+            machine = self._reach(cluster, spec)
+            return Provisioned(machine, cluster, offer.usd_per_hour, running_since)
+        except BaseException as e:
+            if request is not None:
+                self._cancel_quietly(request)
+            self._down_quietly(cluster, f"{type(e).__name__}: {e}")
+            raise
+
+    def _reach(self, cluster: str, spec: MachineSpec) -> SkyMachine:
+        deadline = time.monotonic() + self.settings.ssh_timeout_s
+        last: Optional[Exception] = None
+        while True:
+            machine = self._machine(cluster, spec)
+            if machine.address.host != "unreachable.invalid":
+                try:
+                    machine.ensure_connected()
+                    return machine
+                except Unreachable as e:
+                    last = e
+            if time.monotonic() > deadline:
+                raise ProviderError(f"{cluster}: SSH did not answer within {self.settings.ssh_timeout_s:.0f} s "
+                                    f"({last or 'SkyPilot reports no address'})")
+            time.sleep(5)
+
+    def _record(self, cluster: str, refresh: bool = False, credentials: bool = False) -> Optional[Any]:
+        """SkyPilot's status record of the cluster, None when it has none."""
+        sky = self.sky
+        kwargs: dict[str, Any] = {"refresh": sky.StatusRefreshMode.FORCE} if refresh else {}
+        if credentials:
+            kwargs["_include_credentials"] = True  # the SSH user and key (a private option: version pinned)
+        records = sky_client.bounded("the cluster status",
+                                     lambda: sky.get(sky.status([cluster], **kwargs)), 300 if refresh else 120)
+        return next((r for r in records if _field(r, "name") == cluster), None)
+
+    def _machine(self, cluster: str, spec: MachineSpec) -> SkyMachine:
+        record = self._record(cluster, credentials=True)
+        handle = _field(record, "handle") if record is not None else None
+        host = getattr(handle, "head_ip", None)
+        if record is None or not host:
+            return SkyMachine(cluster, None, SSHOptions(known_hosts=spec.known_hosts, control_dir=spec.control_dir))
+        credentials = _field(record, "credentials") or {}
+        identity = _identity_file(cluster, credentials)
+        address = SSHAddress(host=str(host), user=credentials.get("ssh_user") or getattr(handle, "ssh_user", None),
+                             port=int(getattr(handle, "head_ssh_port", None) or 22))
+        return SkyMachine(cluster, address, SSHOptions(known_hosts=spec.known_hosts, control_dir=spec.control_dir,
+                                                       identity=identity))
+
+    # ---- after provisioning -----------------------------------------------------------------
+
+    def reconnect(self, machine_id: str, spec: MachineSpec) -> Machine:
+        try:
+            return self._machine(machine_id, spec)
+        except ProviderError:
+            return SkyMachine(machine_id, None, SSHOptions(known_hosts=spec.known_hosts, control_dir=spec.control_dir))
+
+    def state(self, machine: Machine) -> MachineState:
+        """SkyPilot's status, refreshed from the cloud: a spot cluster the cloud took back is gone
+        (or INIT, abnormal, after it was up) and counts as preempted."""
+        try:
+            record = self._record(_cluster_of(machine), refresh=True)
+        except ProviderError:
+            return "unknown"
+        return map_state(record)
+
+    def terminate(self, machine: Machine) -> None:
+        machine.close()
+        self.down(_cluster_of(machine))
+
+    def down(self, cluster: str) -> None:
+        """`sky down`, retried; a cluster SkyPilot does not know is already down."""
+        sky = self.sky
+        last = None
+        for attempt in range(TERMINATE_TRIES):
+            try:
+                sky_client.bounded("the teardown", lambda: sky.get(sky.down(cluster)), 900)
+                return
+            except ProviderError as e:
+                if "ClusterDoesNotExist" in str(e) or "does not exist" in str(e):
+                    return
+                last = e
+            time.sleep(min(2 ** attempt, 15))
+        raise ProviderError(f"cluster {cluster} may still be billing: tearing it down failed ({last}); run "
+                            f"`sky down {cluster}` or `launch down --all`")
+
+    def _down_quietly(self, cluster: str, why: str) -> None:
+        try:
+            self.down(cluster)
+            self.log(f"cluster {cluster} torn down ({why})")
+        except ProviderError as e:
+            self.log(str(e))
+
+    def _cancel_quietly(self, request: Any) -> None:
+        try:
+            sky_client.bounded("cancelling the launch", lambda: self.sky.get(self.sky.api_cancel(request)), 60)
+        except Exception:  # noqa: BLE001  (the down that follows is what matters)
+            pass
+
+    def labelled_machines(self) -> list[LabelledMachine]:
+        """Every cluster of ours SkyPilot knows (by our name prefix), launched here or not."""
+        sky = self.sky
+        records = sky_client.bounded("the cluster list", lambda: sky.get(sky.status([f"{CLUSTER_PREFIX}*"])), 300)
+        out = []
+        for record in records:
+            name = str(_field(record, "name"))
+            if name.startswith(CLUSTER_PREFIX):
+                out.append(LabelledMachine(machine_id=name, name=machine_name(name), label=name,
+                                           status=str(getattr(_field(record, "status"), "value", "?")),
+                                           usd_per_hour=_hourly(record)))
+        return out
+
+    def destroy_machine(self, machine_id: str) -> None:
+        self.down(machine_id)
+
+    def open_workspace(self, machine: Machine, run_id: str, workdir: Optional[str] = None,
+                       run_folder: Optional[str] = None) -> Any:
+        from launcher.providers.sky_workspace import SkyWorkspace
+
+        base = super().open_workspace(machine, run_id, workdir or self.workdir, run_folder)
+        return SkyWorkspace(base.machine, base.folder, rearm=lambda: self.rearm_watchdog(_cluster_of(machine)))
+
+    def rearm_watchdog(self, cluster: str) -> None:
+        """Submit the keep-alive job again (its earlier run ended: the run had ended, or the
+        launcher was away) before a runner is started again on this cluster."""
+        sky = self.sky
+        task = sky.Task.from_yaml_config(task_config(self.workdir, self.settings.watchdog_idle_minutes * 60,
+                                                     self.nodes))
+        task.set_resources(sky.Resources())  # no GPU demand: never queued behind another job of the cluster
+        sky_client.bounded("re-arming the keep-alive job", lambda: sky.get(sky.exec(task, cluster_name=cluster)), 300)
+
+
+def map_state(record: Optional[Any]) -> MachineState:
+    if record is None:
+        return "gone"
+    status = getattr(_field(record, "status"), "value", _field(record, "status"))
+    if status == "UP":
+        return "running"
+    if status == "STOPPED":
+        return "stopped"
+    if status in ("INIT", "PENDING"):
+        # INIT after the cluster was up: a node went away (a spot preemption) or ray died.
+        return "preempted" if _field(record, "cluster_ever_up") else "starting"
+    if status == "AUTOSTOPPING":
+        return "stopped"
+    return "unknown"
+
+
+def _matches(offer: Offer, need: Need) -> bool:
+    if need.gpu_count and need.gpu and offer.gpu_count != need.gpu_count:
+        return False
+    if need.interruptible is not None and offer.interruptible != need.interruptible:
+        return False
+    return need.max_usd_per_hour is None or offer.usd_per_hour <= need.max_usd_per_hour
+
+
+def _wait_for_jobs() -> Any:
+    """Idleness by the job queue only: an interactive SSH session a user left open must not keep
+    a GPU billing forever (SkyPilot's default also waits for SSH sessions with a terminal)."""
+    from sky.skylet import autostop_lib
+
+    return autostop_lib.AutostopWaitFor.JOBS
+
+
+def _identity_file(cluster: str, credentials: dict[str, Any]) -> Optional[Path]:
+    """The cluster's SSH key: SkyPilot's own file when it is on this machine, else its content
+    written to a 0600 file of ours (a remote API server sends the content)."""
+    path = credentials.get("ssh_private_key")
+    if path and Path(path).expanduser().is_file():
+        return Path(path).expanduser()
+    content = credentials.get("ssh_private_key_content")
+    if not content:
+        return None
+    key = state_dir() / "keys" / f"sky-{cluster}"
+    key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(content if content.endswith("\n") else content + "\n")
+    return key
+
+
+def _field(record: Any, name: str) -> Any:
+    """A status record is a pydantic model in 0.14 and a dict in older SDKs."""
+    return record.get(name) if isinstance(record, dict) else getattr(record, name, None)
+
+
+def _hourly(record: Any) -> float:
+    try:
+        return float(_field(record, "handle").launched_resources.get_cost(3600))
+    except Exception:  # noqa: BLE001  (a listing without resources still lists the cluster)
+        return 0.0
+
+
+def _cluster_of(machine: Machine) -> str:
+    cluster = getattr(machine, "cluster", None)
+    if cluster is None:
+        raise ProviderError(f"{machine.name} is not a SkyPilot cluster")
+    return str(cluster)
