@@ -207,6 +207,11 @@ class Restartable(ABC):
 class Sweepable(ABC):
     """A provider that can list every machine labelled by us, whoever launched it."""
 
+    @classmethod
+    def run_label(cls, run_id: str) -> str:
+        """The label a run's machine carries in the provider's listing (Vast.ai: qlora-launch:<run id>)."""
+        return label_for(run_id)
+
     @abstractmethod
     def labelled_machines(self) -> list[LabelledMachine]:
         """Every machine of the account with our label; a reply that cannot be read raises

@@ -231,6 +231,10 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
     def market_availability(cls) -> dict[str, Availability]:
         return {cloud: cloud_availability(cloud) for cloud in SKY_CLOUDS}
 
+    @classmethod
+    def run_label(cls, run_id: str) -> str:
+        return cluster_name(run_id)  # a cluster's name is its label: `sky status` lists ours by the prefix
+
     @property
     def max_offers_tried(self) -> int:
         return self.settings.max_offers_tried

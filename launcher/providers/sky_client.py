@@ -20,6 +20,7 @@ import importlib.util
 import io
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
@@ -73,7 +74,9 @@ def bounded(what: str, call: Callable[[], T], timeout_s: float) -> T:
 
     thread = threading.Thread(target=target, name=f"sky {what}", daemon=True)
     thread.start()
-    thread.join(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while thread.is_alive() and time.monotonic() < deadline:
+        thread.join(0.2)  # in slices: a Ctrl-C is raised here between them, whatever the wait
     if thread.is_alive():
         raise ProviderError(f"SkyPilot did not answer {what} within {timeout_s:.0f} s; its API server log is "
                             f"{server_log()}; `sky api stop` then try again")

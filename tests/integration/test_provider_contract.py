@@ -1,6 +1,7 @@
 """The provider contract (launcher/providers/base.py), one test run against every registered
 provider: `local`, `ssh` (the test sshd), `vast` (VastProvider over the fake Vast.ai API, whose
-instances are real sshd's) and the in-memory provider of the lifecycle's tests.
+instances are real sshd's), `sky` (SkyProvider over a stand-in of SkyPilot's SDK whose clusters
+are real sshd's: tests/fakes/sky_sdk.py) and the in-memory provider of the lifecycle's tests.
 
 For each: offers have the Offer shape and units; provision returns a Provisioned whose machine_id
 reconnect() finds again; state says running for a live machine and never raises for a vanished
@@ -22,12 +23,15 @@ import pytest
 
 from launcher.providers import PROVIDERS, provider_for_target, provider_named
 from launcher.providers.base import (
-    LABEL_PREFIX, MachineSpec, Need, Offer, Provider, Provisioned, Sweepable, label_for,
+    MachineSpec, Need, Offer, Provider, Provisioned, Sweepable,
 )
 from launcher.providers.vast import POLL_ENV, SSH_USER_ENV, VastProvider, VastSettings
 from launcher.providers.vast_api import VastAPI
 from launcher.remote import Machine
+from launcher.providers import sky as sky_provider
+from launcher.providers.base import Availability
 from tests.fakes.memory_provider import MemoryCloud, MemoryProvider, memory_offer
+from tests.fakes.sky_sdk import FakeSky
 from tests.fakes.vast_api import ACCOUNT_KEY, FakeVast
 from tests.helpers import ROOT
 from tests.sshd import SSHServer, free_port, keygen
@@ -101,6 +105,26 @@ def vast_contract(tmp_path, monkeypatch) -> Contract:
 
 
 @pytest.fixture
+def sky_contract(tmp_path, monkeypatch) -> Contract:
+    monkeypatch.setenv("QLORA_LAUNCH_HOME", str(tmp_path / "home"))
+    # The account: AWS enabled (there is no real credential to check here), the other clouds not.
+    monkeypatch.setattr(sky_provider, "cloud_availability",
+                        lambda cloud: Availability(cloud == "aws", f"{cloud}: as the test account says"))
+    fake = FakeSky(tmp_path / "sky")
+    provider = sky_provider.SkyProvider(sky_provider.SkySettings(clouds=["aws"], ssh_timeout_s=20), client=fake)
+
+    def vanish(provisioned: Provisioned) -> Machine:
+        fake.preempt(provisioned.machine_id)  # the cloud took the spot nodes back
+        return provisioned.machine
+
+    yield Contract(provider, spec_for(tmp_path, "20261202-000000-contract-sky"),
+                   Need(gpu="A10G", interruptible=False, max_usd_per_hour=1.1), vanish, shell_answers, fake.alive)
+    alive = fake.alive()
+    fake.stop()
+    assert alive == [], f"clusters still up on the fake SkyPilot at the end of the test: {alive}"
+
+
+@pytest.fixture
 def memory_contract(tmp_path, monkeypatch) -> Contract:
     cloud = MemoryCloud([memory_offer(1, 0.25), memory_offer(2, 0.0, interruptible=False, vram_gb=80.0)])
     provider = cloud.register(monkeypatch)()  # as the registry builds it
@@ -120,7 +144,7 @@ def memory_contract(tmp_path, monkeypatch) -> Contract:
 # The registry's names, each with the fixture that puts it under the contract; `memory` is the
 # lifecycle tests' fake (registered by those tests), held to the same contract.
 CONTRACT_FIXTURES = {"local": "local_contract", "ssh": "ssh_contract", "vast": "vast_contract",
-                     "memory": "memory_contract"}
+                     "sky": "sky_contract", "memory": "memory_contract"}
 CLASSES = {**PROVIDERS, "memory": MemoryProvider}
 SWEEPABLE = [name for name in CONTRACT_FIXTURES if issubclass(CLASSES[name], Sweepable)]
 
@@ -134,7 +158,7 @@ def test_every_registered_provider_is_held_to_the_contract():
     missing = sorted(set(PROVIDERS) - set(CONTRACT_FIXTURES))
     assert not missing, (f"providers without a contract fixture in {Path(__file__).name}: {missing}; add one "
                          "(its offers, a machine it can provision here, how that machine vanishes)")
-    assert {"vast", "memory"} <= set(SWEEPABLE)
+    assert {"vast", "sky", "memory"} <= set(SWEEPABLE)
 
 
 def first_offer(contract: Contract) -> Offer:
@@ -160,7 +184,7 @@ def test_offers_have_the_offer_shape_and_units(contract: Contract):
     assert found
     for offer in found:
         assert isinstance(offer, Offer)
-        assert offer.provider == provider.name
+        assert offer.provider in (provider.name, *provider.markets)  # sky: the cloud (aws, lambda, ...)
         assert isinstance(offer.usd_per_hour, float) and math.isfinite(offer.usd_per_hour) and offer.usd_per_hour >= 0
         assert isinstance(offer.gpu_count, int) and offer.gpu_count >= 0
         assert isinstance(offer.interruptible, bool)
@@ -232,7 +256,7 @@ def test_sweepable_providers_list_the_machines_labelled_for_a_run(name: str, req
         listed = {m.machine_id: m for m in provider.labelled_machines()}
         assert rented.machine_id in listed, listed
         mine = listed[rented.machine_id]
-        assert mine.label == label_for(contract.spec.run_id) and mine.label.startswith(LABEL_PREFIX)
+        assert mine.label == provider.run_label(contract.spec.run_id)
         assert mine.name == rented.machine.name and mine.usd_per_hour >= 0
         provider.destroy_machine(rented.machine_id)
         assert rented.machine_id not in {m.machine_id for m in provider.labelled_machines()}

@@ -1,0 +1,218 @@
+"""A stand-in for SkyPilot's client SDK (the `sky` module as the sky provider calls it), whose
+clusters are real sshd's on 127.0.0.1, for what cannot run here: a real cloud launch.
+
+The task and resources the provider builds are SkyPilot's own classes (sky.Task, sky.Resources)
+and are checked with SkyPilot's own code: the pinned resources must price, through SkyPilot's
+catalog, at the $/h of the offer. Only the API server's requests are faked: launch, exec,
+status (with the SSH credentials SkyPilot 0.14 returns), down, api_cancel, get, stream_and_get.
+
+A launched cluster runs the task's run command for real (the keep-alive watchdog of
+cluster_templates/sky_task.yaml) in the cluster's own HOME, with SkyPilot's node variables.
+Faults: fail_launch (SkyPilot raises as a failed setup does; the cluster stays, INIT, as
+SkyPilot keeps it "for debugging"), break_ssh (up, but nothing answers SSH), hang_launch (the
+launch never returns), preempt(name) (the cloud took the spot nodes back)."""
+
+from __future__ import annotations
+
+import fnmatch
+import getpass
+import itertools
+import os
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import sky
+from sky import exceptions
+
+from tests.fakes.vast_api import _kill_instance, _marked_pids, _reap
+from tests.sshd import free_port, keygen, run_sshd
+
+MARKER = "FAKE_VAST_INSTANCE"  # the same marker the fake Vast.ai uses: its process helpers find them
+
+
+@dataclass
+class FakeCluster:
+    name: str
+    folder: Path
+    task: Any
+    autostop: dict[str, Any]
+    status: Any = sky.ClusterStatus.INIT
+    ever_up: bool = False
+    sshd: Optional[subprocess.Popen] = None
+    port: int = 0
+    jobs: list[subprocess.Popen] = field(default_factory=list)
+    launched_at: float = field(default_factory=time.time)
+
+    @property
+    def home(self) -> Path:
+        return self.folder / "home"
+
+    @property
+    def marker(self) -> str:
+        return f"sky-{self.name}"
+
+    @property
+    def resources(self) -> Any:
+        return next(iter(self.task.resources))
+
+
+class FakeSky:
+    """Used as SkyProvider(client=FakeSky(...)). Attributes the provider reads from `sky`."""
+
+    StatusRefreshMode = sky.StatusRefreshMode
+    Task = sky.Task
+    Resources = sky.Resources
+    ClusterStatus = sky.ClusterStatus
+
+    def __init__(self, folder: Path, *, fail_launch: Optional[str] = None, break_ssh: bool = False,
+                 hang_launch: bool = False) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fail_launch, self.break_ssh, self.hang_launch = fail_launch, break_ssh, hang_launch
+        self.clusters: dict[str, FakeCluster] = {}
+        self.calls: list[tuple[str, Any]] = []  # (call, cluster or request): what the provider asked for
+        self.key = keygen(folder / "sky-key") if not (folder / "sky-key").exists() else folder / "sky-key"
+        self._requests: dict[str, Any] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.cancelled: list[str] = []
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def _request(self, call: str, subject: Any, work: Any) -> str:
+        rid = f"req-{next(self._ids)}"
+        self.calls.append((call, subject))
+        self._requests[rid] = work
+        return rid
+
+    def get(self, request_id: str) -> Any:
+        return self._requests.pop(request_id)()
+
+    def stream_and_get(self, request_id: str, output_stream: Any = None, **_: Any) -> Any:
+        if output_stream is not None:
+            output_stream.write(f"fake SkyPilot: request {request_id}\n")
+        return self.get(request_id)
+
+    def api_cancel(self, request_id: Any) -> str:
+        self.cancelled.append(str(request_id))
+        return self._request("api_cancel", request_id, lambda: [str(request_id)])
+
+    # ---- clusters -----------------------------------------------------------------------------
+
+    def launch(self, task: Any, cluster_name: str, idle_minutes_to_autostop: Optional[int] = None,
+               down: bool = False, wait_for: Any = None, retry_until_up: bool = False, **_: Any) -> str:
+        autostop = {"idle_minutes": idle_minutes_to_autostop, "down": down, "wait_for": wait_for}
+        return self._request("launch", cluster_name, lambda: self._launch(task, cluster_name, autostop))
+
+    def _launch(self, task: Any, name: str, autostop: dict[str, Any]) -> tuple[int, Any]:
+        resources = next(iter(task.resources))
+        # SkyPilot's own pricing of the pinned resources: an instance type it does not know raises here.
+        resources.get_cost(3600)
+        cluster = FakeCluster(name, self.folder / name, task, autostop)
+        cluster.home.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self.clusters[name] = cluster
+        if self.hang_launch:
+            while name in self.clusters:
+                time.sleep(0.05)
+            raise exceptions.ClusterSetUpError("the launch was torn down")
+        if self.fail_launch:
+            raise exceptions.ClusterSetUpError(f"Failed to set up SkyPilot runtime on cluster: {self.fail_launch}")
+        for remote, local in (task.file_mounts or {}).items():  # SkyPilot rsyncs them to each node
+            target = cluster.home / remote.removeprefix("~/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(local, target)
+        cluster.port = free_port()
+        if not self.break_ssh:
+            cluster.sshd, _ = run_sshd(cluster.folder, [Path(f"{self.key}.pub").read_text()], cluster.port,
+                                       session_env={"HOME": str(cluster.home)},
+                                       process_env={MARKER: cluster.marker})
+        cluster.status, cluster.ever_up = sky.ClusterStatus.UP, True
+        self._run_job(cluster, task)
+        return 1, None
+
+    def _run_job(self, cluster: FakeCluster, task: Any) -> None:
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(cluster.home), MARKER: cluster.marker,
+               **{k: str(v) for k, v in (task.envs or {}).items()},
+               "SKYPILOT_NODE_RANK": "0", "SKYPILOT_NODE_IPS": "127.0.0.1",
+               "SKYPILOT_NUM_NODES": str(task.num_nodes), "SKYPILOT_NUM_GPUS_PER_NODE": "1"}
+        log = open(cluster.folder / "job.log", "a")
+        cluster.jobs.append(subprocess.Popen(["bash", "-c", task.run], cwd=cluster.home, env=env, stdout=log,
+                                             stderr=subprocess.STDOUT, start_new_session=True))
+
+    def exec(self, task: Any, cluster_name: str, **_: Any) -> str:
+        def work() -> tuple[int, Any]:
+            cluster = self.clusters.get(cluster_name)
+            if cluster is None or cluster.status != sky.ClusterStatus.UP:
+                raise exceptions.ClusterNotUpError(f"cluster {cluster_name!r} is not up")
+            self._run_job(cluster, task)
+            return len(cluster.jobs), None
+
+        return self._request("exec", cluster_name, work)
+
+    def status(self, cluster_names: Optional[list[str]] = None, refresh: Any = None,
+               _include_credentials: bool = False, **_: Any) -> str:
+        def work() -> list[Any]:
+            names = cluster_names or ["*"]
+            return [self._record(c, _include_credentials) for c in list(self.clusters.values())
+                    if any(fnmatch.fnmatch(c.name, pattern) for pattern in names)]
+
+        return self._request("status", cluster_names, work)
+
+    def _record(self, cluster: FakeCluster, credentials: bool) -> Any:
+        handle = SimpleNamespace(head_ip="127.0.0.1" if cluster.ever_up else None, head_ssh_port=cluster.port,
+                                 ssh_user=None, launched_resources=cluster.resources)
+        record = SimpleNamespace(name=cluster.name, status=cluster.status, handle=handle,
+                                 cluster_ever_up=cluster.ever_up, autostop=cluster.autostop["idle_minutes"],
+                                 to_down=cluster.autostop["down"], credentials=None)
+        if credentials:
+            record.credentials = {"ssh_user": getpass.getuser(), "ssh_private_key": str(self.key),
+                                  "ssh_private_key_content": None}
+        return record
+
+    def down(self, cluster_name: str, purge: bool = False, **_: Any) -> str:
+        def work() -> None:
+            with self._lock:
+                cluster = self.clusters.pop(cluster_name, None)
+            if cluster is None:
+                raise exceptions.ClusterDoesNotExist(f"Cluster {cluster_name!r} does not exist.")
+            self._kill(cluster)
+
+        return self._request("down", cluster_name, work)
+
+    # ---- faults and checks --------------------------------------------------------------------
+
+    def preempt(self, cluster_name: str) -> None:
+        """The cloud took the spot node back: SkyPilot's refreshed status drops the cluster."""
+        cluster = self.clusters.pop(cluster_name)
+        self._kill(cluster)
+
+    def _kill(self, cluster: FakeCluster) -> None:
+        _kill_instance(cluster, grace_s=2.0)  # type: ignore[arg-type]
+        _reap(cluster)  # type: ignore[arg-type]
+        for job in cluster.jobs:
+            try:
+                job.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                job.kill()
+
+    def alive(self) -> list[str]:
+        """Clusters that would still bill, and processes of any cluster still running."""
+        return sorted(self.clusters) + [f"pid {p}" for c in self.folder.iterdir() if c.is_dir()
+                                        for p in _marked_pids(f"sky-{c.name}")]
+
+    def stop(self) -> None:
+        for name in list(self.clusters):
+            self._kill(self.clusters.pop(name))
+
+    def launched(self) -> list[str]:
+        return [subject for call, subject in self.calls if call == "launch"]
+
+    def downed(self) -> list[str]:
+        return [subject for call, subject in self.calls if call == "down"]
