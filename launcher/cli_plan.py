@@ -40,7 +40,9 @@ def add_market_arguments(parser: argparse.ArgumentParser) -> None:
 
 def market_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The market flags as overrides of resources.*, so the job file records the job as launched."""
+    count = (args.gpu or "").partition(":")[2]
     return {"gpu": args.gpu,
+            "gpus": int(count) if count.isdigit() else None,  # --gpu A10G:4 also overrides resources.gpus
             "providers": [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None,
             "interruptible": True if args.spot else False if args.on_demand else None,
             "max_price": args.max_price, "max_total_usd": args.max_total}
@@ -114,7 +116,7 @@ def render_offers(console: Console, plan: planning.Plan, limit: int, show_all: b
     render_plan(console, plan.rows, plan.choice, plan.need, limit=limit, show_all=show_all,
                 rentable=planning.can_rent)
     for line in plan.notes:  # why the † offers cannot be rented, and the fix
-        console.print(f"{UNRENTABLE_MARK} {line}", highlight=False, markup=False)
+        console.print(f"{UNRENTABLE_MARK} {line}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _warner(errors: Console) -> Any:

@@ -33,6 +33,7 @@ from launcher import planning, renting, sync
 from launcher.checkpoints import LocalCheckpoints
 from launcher.config import LaunchConfig, load as load_config
 from launcher.errors import EXIT_TARGET, EXIT_USAGE
+from launcher.distributed import topology_for
 from launcher.providers import provider_for_target, provider_named, renter_name
 from launcher.providers.base import (
     LOST_STATES, Machine, MachineSpec, Need, Offer, Provider, ProviderError, Restartable,
@@ -349,7 +350,7 @@ def start_runner(session: Session, reporter: Reporter, *, resume: bool) -> None:
     session.ws.upload(config)
     if resume:
         push_checkpoint_if_lost(session, reporter)
-    job = session.ws.start(python, resume=resume)
+    job = session.ws.start(python, resume=resume, topology=topology_for(config.resources))
     session.update(status="running", pid=job, python=python, started_at=time.time(), exit_code=None, error=None,
                    ended_at=None)
     reporter.started(session.record)

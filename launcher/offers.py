@@ -9,9 +9,14 @@ Offers come from SkyPilot's catalog files (catalog.py) for Vast.ai and the cloud
 row and market (on-demand, and spot where the row has a spot price). Live Vast.ai search replaces
 Vast's catalog rows with the Vast.ai provider.
 
-Several GPUs: the runner spreads a model that does not fit one GPU over all of them
-(device_map="auto"), which runs the layers one GPU at a time: more memory, not more speed. So a
-multi-GPU offer fits when the job fits the GPUs' summed memory, and takes as long as on one GPU."""
+Several GPUs, two ways:
+- The job asks for them (resources.gpus, --gpu A10G:4, resources.nodes): data parallel, one
+  4-bit copy of the model per GPU (launcher/distributed.py). An offer fits when the job fits ONE
+  of its GPUs, and the job goes faster by the number of GPUs times DATA_PARALLEL_EFFICIENCY (one
+  machine) or MULTI_NODE_EFFICIENCY (several; each node billed).
+- Otherwise the runner spreads a model that does not fit one GPU over all of them
+  (device_map="auto"), which runs the layers one GPU at a time: more memory, not more speed. So a
+  multi-GPU offer fits when the job fits the GPUs' summed memory, and takes as long as on one GPU."""
 
 from __future__ import annotations
 
@@ -29,6 +34,11 @@ from launcher.providers.base import Offer
 from launcher.runs import MeasuredSpeed
 
 VRAM_MARGIN = 0.90  # plan to fill at most 90 % of a GPU: the estimate is an estimate
+# Data parallel speed-up per GPU, stated, not measured here (no multi-GPU machine to measure on):
+# the gradient all-reduce of LoRA adapters is small (tens of MB), so DDP on one machine (NVLink or
+# PCIe) keeps ~90 % per GPU in published scaling runs; across cloud machines (TCP, no RDMA) less.
+DATA_PARALLEL_EFFICIENCY = 0.90
+MULTI_NODE_EFFICIENCY = 0.80
 # Training examples of the ready configs' hub datasets (their dataset cards), so planning works
 # offline: (id, subset, split) -> examples. Kept in launcher/dataset_facts.json with their lengths.
 HUB_DATASET_EXAMPLES = dataset_lengths.hub_examples()
@@ -170,15 +180,26 @@ def catalog_offers(folder: Optional[Path] = None) -> list[Offer]:
     return found
 
 
-def evaluate(offer: Offer, need: JobNeed, measured: Optional[list[MeasuredSpeed]] = None) -> PlannedOffer:
-    """Fit, hours and total $ of the job on one offer."""
+def data_parallel_speedup(gpus_per_node: int, nodes: int = 1) -> float:
+    """How many times faster than one GPU the job runs with one rank per GPU."""
+    ranks = gpus_per_node * nodes
+    if ranks == 1:
+        return 1.0
+    return ranks * (DATA_PARALLEL_EFFICIENCY if nodes == 1 else MULTI_NODE_EFFICIENCY)
+
+
+def evaluate(offer: Offer, need: JobNeed, measured: Optional[list[MeasuredSpeed]] = None, *,
+             data_parallel: bool = False, nodes: int = 1) -> PlannedOffer:
+    """Fit, hours and total $ of the job on one offer (on `nodes` such machines). `data_parallel`:
+    one copy of the model per GPU (the job asked for several GPUs or nodes)."""
     if offer.gpu is None:
         return PlannedOffer(offer, None, None, False, "no NVIDIA GPU")
     gpu = _gpu_of(offer)
     if gpu is None or not gpu.cuda:
         return PlannedOffer(offer, None, None, False, "not a CUDA GPU the runner supports")
     per_gpu = offer.vram_gb or gpu.vram_gb
-    usable = per_gpu * offer.gpu_count * VRAM_MARGIN
+    parallel = data_parallel and offer.target is None  # own boxes run as they are
+    usable = per_gpu * (1 if parallel else offer.gpu_count) * VRAM_MARGIN
     hours = None
     calibrated = False
     if need.tokens is not None:
@@ -186,10 +207,14 @@ def evaluate(offer: Offer, need: JobNeed, measured: Optional[list[MeasuredSpeed]
         calibrated = speed is not None
         hours = estimate.estimate_hours(need.facts, gpu, 1, need.tokens, need.seq_tokens,
                                         need.micro_batch, need.gradient_checkpointing, speed=speed or 1.0)
-    total = estimate.estimate_usd(hours, offer.usd_per_hour) if hours is not None else None
+        if parallel:
+            hours /= data_parallel_speedup(offer.gpu_count, nodes)
+    machines = nodes if parallel else 1
+    total = estimate.estimate_usd(hours, offer.usd_per_hour * machines) if hours is not None else None
     if need.vram_gb > usable:
+        each = " per GPU (each holds the model)" if parallel and offer.gpu_count > 1 else ""
         return PlannedOffer(offer, hours, total, False,
-                            f"too small: {usable:.1f} of {need.vram_gb:.1f} GB", calibrated)
+                            f"too small: {usable:.1f} of {need.vram_gb:.1f} GB{each}", calibrated)
     return PlannedOffer(offer, hours, total, True, None, calibrated)
 
 
@@ -201,6 +226,10 @@ class Constraints:
     interruptible: Optional[bool] = None  # None: both markets
     max_usd_per_hour: Optional[float] = None
     max_total_usd: Optional[float] = None
+    data_parallel: bool = False  # the job asked for several GPUs per machine or several nodes
+    nodes: int = 1
+    # With nodes > 1: the markets that can make several machines train together (None: any).
+    multi_node_markets: Optional[frozenset[str]] = None
 
 
 def plan(offers: list[Offer], need: JobNeed, constraints: Constraints,
@@ -214,7 +243,7 @@ def plan(offers: list[Offer], need: JobNeed, constraints: Constraints,
             continue  # (a machine named with --target is always priced)
         if c.gpu is not None and _gpu_of(offer) is not c.gpu:
             continue
-        planned = evaluate(offer, need, measured)
+        planned = evaluate(offer, need, measured, data_parallel=c.data_parallel, nodes=c.nodes)
         reason = _excluded(planned, c)
         if reason:
             planned = PlannedOffer(offer, planned.est_hours, planned.est_total_usd, False, reason, planned.calibrated)
@@ -228,6 +257,9 @@ def _excluded(p: PlannedOffer, c: Constraints) -> Optional[str]:
     if not p.fits:
         return p.why_not
     o = p.offer
+    if c.nodes > 1 and (o.target is not None or (c.multi_node_markets is not None
+                                                  and o.provider not in c.multi_node_markets)):
+        return f"one machine only, {c.nodes} nodes asked for"
     if c.gpu_count is not None and o.gpu_count != c.gpu_count and o.target is None:  # own box: as it is
         return f"{o.gpu_count} GPUs, {c.gpu_count} asked for"
     if c.interruptible is not None and o.interruptible != c.interruptible and o.target is None:  # own box: no market

@@ -7,11 +7,13 @@ is cli_plan.py's."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from launcher import offers as ranking
 from launcher.config import ConfigError, LaunchConfig
+from launcher.distributed import topology_for
 from launcher.errors import EXIT_NO_OFFER, EXIT_USAGE
 from launcher.estimate import UnknownModel
 from launcher.gpus import UnknownGPU, parse_request
@@ -131,11 +133,18 @@ def constraints_for(resources: Any) -> ranking.Constraints:
     if named_count and resources.gpus and named_count != resources.gpus:
         raise ConfigError(f"resources.gpu asks for {named_count} GPUs ({resources.gpu}) and resources.gpus for "
                           f"{resources.gpus}: say it once (e.g. --gpu {gpu_text.split(':')[0]}:{resources.gpus})")
+    topology = topology_for(resources)
     return ranking.Constraints(
         gpu=gpu, gpu_count=named_count or resources.gpus,
         providers=expand_providers(resources.providers),
         interruptible=resources.interruptible, max_usd_per_hour=resources.max_price,
-        max_total_usd=resources.max_total_usd)
+        max_total_usd=resources.max_total_usd, data_parallel=topology.processes > 1, nodes=topology.nodes,
+        multi_node_markets=multi_node_markets() if topology.nodes > 1 else None)
+
+
+def multi_node_markets() -> frozenset[str]:
+    """The markets where several machines can be rented to train together (SkyPilot's clouds but RunPod)."""
+    return frozenset(m for cls in PROVIDERS.values() for m in (cls.name, *cls.markets) if cls.spans_nodes(m))
 
 
 def live_need(need: ranking.JobNeed, constraints: ranking.Constraints) -> Need:
@@ -215,8 +224,7 @@ def _rank(config: LaunchConfig, need: ranking.JobNeed, constraints: ranking.Cons
 
 
 def _with_providers(c: ranking.Constraints, providers: Optional[tuple[str, ...]]) -> ranking.Constraints:
-    return ranking.Constraints(gpu=c.gpu, gpu_count=c.gpu_count, providers=providers, interruptible=c.interruptible,
-                               max_usd_per_hour=c.max_usd_per_hour, max_total_usd=c.max_total_usd)
+    return dataclasses.replace(c, providers=providers)
 
 
 def unrentable_message(plan: Plan) -> str:

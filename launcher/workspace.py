@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from launcher import sync
 from launcher.config import LaunchConfig
+from launcher.distributed import Topology, runner_command, runner_environment
 from launcher.errors import EXIT_ENVIRONMENT
 from launcher.paths import CLUSTER_TEMPLATES, RUNNER_FILE, RUNNER_REQUIREMENTS, runner_module
 from launcher.remote import Machine, RemoteError
@@ -73,8 +74,9 @@ class Workspace(ABC):
         """Put the job there: its local assets (once per content), the job config, the runner."""
 
     @abstractmethod
-    def start(self, python: str, *, resume: bool) -> int:
-        """Start the runner detached (fresh, or `--resume auto`); the job's id for look/stop."""
+    def start(self, python: str, *, resume: bool, topology: Topology = Topology()) -> int:
+        """Start the runner detached (fresh, or `--resume auto`), with one rank per GPU of
+        `topology` (launcher/distributed.py); the job's id for look/stop."""
 
     @abstractmethod
     def look(self, job: Optional[int]) -> Look:
@@ -161,9 +163,12 @@ class ShellWorkspace(Workspace):
 
     # ---- run --------------------------------------------------------------------------------
 
-    def start(self, python: str, *, resume: bool) -> int:
-        command = (f"PYTHONUNBUFFERED=1 {shlex.quote(python)} {RUNNER_FILE.name} --config {REMOTE_CONFIG} --out ."
-                   + (" --resume auto" if resume else ""))
+    def start(self, python: str, *, resume: bool, topology: Topology = Topology()) -> int:
+        args = ["--config", REMOTE_CONFIG, "--out", ".", *(["--resume", "auto"] if resume else [])]
+        env = {"PYTHONUNBUFFERED": "1", **runner_environment(topology)}
+        # `export` first: a multi-node command line starts by reading the node's file (`. file && ...`).
+        command = (f"export {' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items())}; "
+                   + runner_command(python, args, topology, node_env_file=f"{self.workdir}/.node.env"))
         return self.machine.start(command, cwd=self.folder, exit_code_file=EXIT_CODE_FILE)
 
     def look(self, job: Optional[int]) -> Look:

@@ -10,6 +10,15 @@
 
     python qlora_runner.py --config job.yaml --out DIR                 # a fresh run
     python qlora_runner.py --config job.yaml --out DIR --resume auto   # continue from DIR's newest checkpoint
+    python qlora_runner.py accelerate-launch --multi_gpu --num_processes 4 --num_machines 1 \
+        --mixed_precision no --dynamo_backend no qlora_runner.py --config job.yaml --out DIR   # data parallel
+
+Data parallel (launcher/distributed.py writes the line): `accelerate-launch ARGS` is `accelerate launch
+ARGS` run in this file, so that the launched process exits with the codes below; each rank (one per
+GPU, a 4-bit model on each) runs this file again. train.grad_accum is what one process accumulates:
+with W ranks each accumulates grad_accum / W, so the global batch stays the same. Rank 0 writes the
+run's files; each node's first rank seals that node's checkpoints; the others write nothing but
+their warnings and errors, marked [rank N]. A signal on any rank stops every rank at the same step.
 
 The phases, in the order they run: load the data (local .jsonl/.json/.csv/.parquet file or
 folder, or a Hugging Face dataset id), format and tokenize it (labels only on the answer for
@@ -469,10 +478,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 class RunDir:
-    """DIR and what the runner writes there."""
+    """DIR and what the runner writes there. `writes` is false on every rank but 0 of a data-parallel
+    run: status and metrics are then left to rank 0 (the other ranks' calls do nothing)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, writes: bool = True) -> None:
         self.root = root
+        self.writes = writes
         self.checkpoints = root / "checkpoints"
         self.incoming = self.checkpoints / ".incoming"  # where the Trainer writes before we rename
         self.status_path = root / "status.json"
@@ -486,6 +497,8 @@ class RunDir:
         self.config: Optional[JobConfig] = None  # set once loaded, for error messages
 
     def set_status(self, phase: str, **fields: Any) -> None:
+        if not self.writes:
+            return
         self._status.update(fields)
         self._status.update(phase=phase, updated_at=time.time(), pid=os.getpid())
         write_json_atomic(self.status_path, self._status)
@@ -497,6 +510,8 @@ class RunDir:
             return {}
 
     def append_metric(self, record: dict[str, Any]) -> None:
+        if not self.writes:
+            return
         record = {k: v for k, v in record.items() if v is not None}
         record.setdefault("time", time.time())
         with self.metrics_path.open("a") as f:
@@ -505,7 +520,7 @@ class RunDir:
     def truncate_metrics_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: drop what the dead run logged
         past it, so metrics.jsonl keeps one record per step."""
-        if not self.metrics_path.exists():
+        if not self.writes or not self.metrics_path.exists():
             return
         kept = []
         for line in self.metrics_path.read_text().splitlines():
@@ -537,6 +552,32 @@ class Tee:
     def flush(self) -> None:
         self.stream.flush()
         self.log_file.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+class Prefixed:
+    """A stream that starts each line with `prefix`: which rank said it."""
+
+    def __init__(self, stream: Any, prefix: str) -> None:
+        self.stream = stream
+        self.prefix = prefix
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        if text:
+            lines = text.splitlines(keepends=True)
+            self.stream.write("".join(self.prefix + line if i or self.at_line_start else line
+                                      for i, line in enumerate(lines)))
+            self.at_line_start = text.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
     def isatty(self) -> bool:
         return False
@@ -978,7 +1019,7 @@ def choose_device_map(device: str, gpu_count: int, local_rank: Optional[int]) ->
     return "auto" if gpu_count > 1 else {"": 0}
 
 
-def plan_device(train: TrainSection) -> DevicePlan:
+def plan_device(train: TrainSection, ranks: Optional[Ranks] = None) -> DevicePlan:
     import torch
 
     has_cuda = torch.cuda.is_available()
@@ -988,11 +1029,15 @@ def plan_device(train: TrainSection) -> DevicePlan:
             "set train.device: cpu to train on the CPU"
         )
     device = "cuda" if has_cuda and train.device != "cpu" else "cpu"
+    index = 0  # this process's GPU
+    if device == "cuda" and ranks is not None and ranks.world > 1:
+        index = ranks.local_rank
+        torch.cuda.set_device(index)  # before anything else touches CUDA: else every rank opens a context on GPU 0
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     dtype = choose_precision(train.precision, device, bf16)
     rank = os.environ.get("LOCAL_RANK")
     device_map = choose_device_map(device, torch.cuda.device_count() if device == "cuda" else 0, int(rank) if rank else None)
-    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
+    gpu = torch.cuda.get_device_name(index) if device == "cuda" else None
     return DevicePlan(device, dtype, device_map, gpu)
 
 
@@ -1090,6 +1135,107 @@ def is_oom(e: BaseException) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# Data parallel: one process (rank) per GPU, started by accelerate launch (torch's elastic agent)
+# ---------------------------------------------------------------------------------------------
+
+ACCELERATE_LAUNCH = "accelerate-launch"  # first argument: run `accelerate launch` here (see main)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the ranks, from the variables torchrun sets; a run started
+    plainly is rank 0 of 1."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @classmethod
+    def from_env(cls, env: Optional[dict[str, str]] = None) -> "Ranks":
+        env = os.environ if env is None else env
+        world = int(env.get("WORLD_SIZE") or 1)
+        return cls(rank=int(env.get("RANK") or 0), world=world, local_rank=int(env.get("LOCAL_RANK") or 0),
+                   local_world=int(env.get("LOCAL_WORLD_SIZE") or world))
+
+    @property
+    def is_main(self) -> bool:
+        """Writes the run's files: status, metrics, runner.log, adapter, eval, samples."""
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        """Seals (and on resume, cleans) the checkpoints folder on its node's disk."""
+        return self.local_rank == 0
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.world // max(1, self.local_world))
+
+
+def per_rank_grad_accum(grad_accum: int, world: int) -> int:
+    """train.grad_accum is what one process would accumulate; each of `world` ranks accumulates
+    grad_accum / world, so the global batch (micro x accum x ranks) stays. When world does not
+    divide it, the nearest count (halves up: the global batch closest to the planned one), never 0."""
+    return max(1, (2 * grad_accum + world) // (2 * world))
+
+
+def all_ranks_max(values: list[int], device: Any) -> list[int]:
+    """Element-wise max over the ranks (a collective: every rank calls it, which also makes it a
+    barrier). `device`: the rank's own (NCCL reduces GPU tensors only)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
+def die_with_parent() -> None:
+    """A rank ends when its launcher does. The elastic agent starts each rank in a session of its
+    own and stops them itself on a TERM, but if the agent is SIGKILLed (the launcher's last resort,
+    the OOM killer) its ranks would train on, orphaned, holding the GPU and writing into DIR."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+
+
+def accelerate_launch(argv: list[str]) -> int:
+    """`qlora_runner.py accelerate-launch ARGS`: `accelerate launch ARGS` in this process, exiting
+    with the runner's codes. accelerate's own command exits 1 whatever happened: torch's elastic
+    agent raises SignalException after it has passed a TERM/INT on to every rank and waited for
+    them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT; they checkpoint and exit), and ChildFailedError when a
+    rank exits non-zero. Here the first becomes 128 + the signal (143 after SIGTERM, as one process
+    exits), the second the exit code of the rank that failed first (the agent lists the ranks it
+    found failed before those it stopped after them): a config error stays 3, out of memory 6."""
+    try:
+        from accelerate.commands.launch import launch_command, launch_command_parser
+        from torch.distributed.elastic.multiprocessing import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    except Exception as e:  # a broken install raises more than ImportError
+        print(f"qlora_runner: environment error: cannot import accelerate or torch ({type(e).__name__}: {e}); "
+              "pip install -r runner/requirements.txt", file=sys.stderr, flush=True)
+        return EXIT_ENVIRONMENT
+    args = launch_command_parser().parse_args(argv)
+    try:
+        launch_command(args)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        rank, failure = next(iter(e.failures.items()))
+        code = 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode
+        print(f"qlora_runner: rank {rank} exited with {code}", file=sys.stderr, flush=True)
+        return code
+    except Exception as e:  # noqa: BLE001  (a rendezvous timeout, a port in use: the machines, not the job)
+        print(f"qlora_runner: environment error: accelerate launch failed: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
+        return EXIT_ENVIRONMENT
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
 
@@ -1127,11 +1273,13 @@ class _StopFlag:
             if self.signum is None:
                 log(f"{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping")
             self.signum = signum
-        else:
+        elif self.signum is None:
             raise Stopped(signum)
+        # else: already stopped and on the way out (the elastic agent passes a TERM on to a rank
+        # that stopped with the others): the checkpoint is saved; nothing to interrupt.
 
 
-def make_callbacks(run: RunDir, cfg: JobConfig, stop: _StopFlag, plan: DevicePlan) -> list:
+def make_callbacks(run: RunDir, cfg: JobConfig, stop: _StopFlag, plan: DevicePlan, ranks: Ranks) -> list:
     import torch
     from transformers import TrainerCallback
 
@@ -1149,6 +1297,10 @@ def make_callbacks(run: RunDir, cfg: JobConfig, stop: _StopFlag, plan: DevicePla
             run.set_status("training", step=state.global_step, total_steps=state.max_steps)
 
         def on_step_end(self, args, state, control, **kwargs):
+            if ranks.world > 1:
+                # All ranks stop at the same step, whichever got the signal: the checkpoint is
+                # written by all of them, and a rank that went on alone would wait for the rest forever.
+                stop.signum = all_ranks_max([stop.signum or 0], args.device)[0] or None
             if stop.signum is not None or state.global_step >= state.max_steps:
                 control.should_save = True  # the last step, and a preempted one, always leave a checkpoint
             if stop.signum is not None:
@@ -1184,14 +1336,20 @@ def make_callbacks(run: RunDir, cfg: JobConfig, stop: _StopFlag, plan: DevicePla
                 log(f"step {state.global_step}/{state.max_steps}  eval loss {logs['eval_loss']:.4f}")
 
         def on_save(self, args, state, control, **kwargs):
-            dst = finalize_checkpoint(run, state.global_step, cfg.train.keep_checkpoints)
-            run.append_metric({"event": "checkpoint", "step": state.global_step, "path": str(dst.relative_to(run.root))})
-            log(f"checkpoint {dst.name} saved")
+            if ranks.world > 1:
+                all_ranks_max([0], args.device)  # every rank has written its part (rng_state_<rank>.pth)
+            if ranks.is_local_main:
+                dst = finalize_checkpoint(run, state.global_step, cfg.train.keep_checkpoints)
+                run.append_metric({"event": "checkpoint", "step": state.global_step,
+                                   "path": str(dst.relative_to(run.root))})
+                log(f"checkpoint {dst.name} saved")
+            if ranks.world > 1:
+                all_ranks_max([0], args.device)  # and none goes on (or exits, after a stop) before it is sealed
 
     return [RunnerCallback()]
 
 
-def training_arguments(run: RunDir, cfg: JobConfig, plan: DevicePlan, has_validation: bool) -> Any:
+def training_arguments(run: RunDir, cfg: JobConfig, plan: DevicePlan, has_validation: bool, ranks: Ranks) -> Any:
     from transformers import TrainingArguments
 
     t = cfg.train
@@ -1203,7 +1361,7 @@ def training_arguments(run: RunDir, cfg: JobConfig, plan: DevicePlan, has_valida
         output_dir=str(run.incoming),
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=cfg.eval.batch_size or t.micro_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
+        gradient_accumulation_steps=per_rank_grad_accum(t.grad_accum, ranks.world),
         learning_rate=t.lr,
         lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
@@ -1232,6 +1390,10 @@ def training_arguments(run: RunDir, cfg: JobConfig, plan: DevicePlan, has_valida
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         dataloader_pin_memory=plan.device == "cuda",
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every forward pass
+        # Several nodes have a disk each (SkyPilot's): each writes the whole checkpoint, with its ranks'
+        # RNG states, so each can resume from its own. On one node this changes nothing.
+        save_on_each_node=ranks.nodes > 1,
     )
 
 
@@ -1240,15 +1402,21 @@ def training_arguments(run: RunDir, cfg: JobConfig, plan: DevicePlan, has_valida
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate_loss(model: Any, split: TokenizedSplit, batch_size: int, pad_id: int) -> dict[str, float]:
-    """Token-weighted mean cross-entropy over the answer tokens of a split, and its perplexity."""
+def evaluate_loss(model: Any, split: TokenizedSplit, batch_size: int, pad_id: int,
+                  ranks: Optional[Ranks] = None) -> dict[str, float]:
+    """Token-weighted mean cross-entropy over the answer tokens of a split, and its perplexity.
+    With several ranks, each scores every world-th batch and the sums are added up (every rank
+    must call this): the batches, and so their padding, are those of one process."""
     import torch
 
+    ranks = ranks or Ranks()
     model.eval()
     total_loss, total_tokens = 0.0, 0
     device = next(p.device for p in model.parameters())
     with torch.no_grad():
-        for start in range(0, len(split.input_ids), batch_size):
+        for index, start in enumerate(range(0, len(split.input_ids), batch_size)):
+            if index % ranks.world != ranks.rank:
+                continue
             features = [{"input_ids": i, "labels": l} for i, l in
                         zip(split.input_ids[start : start + batch_size], split.labels[start : start + batch_size])]
             batch = {k: v.to(device) for k, v in collate(features, pad_id).items()}
@@ -1259,6 +1427,12 @@ def evaluate_loss(model: Any, split: TokenizedSplit, batch_size: int, pad_id: in
             )
             total_loss += loss.item()
             total_tokens += int((shift_labels != -100).sum())
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        sums = torch.tensor([total_loss, float(total_tokens)], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        total_loss, total_tokens = sums[0].item(), int(sums[1].item())
     mean = total_loss / max(total_tokens, 1)
     return {"loss": mean, "perplexity": math.exp(mean) if mean < 50 else None, "tokens": total_tokens}
 
@@ -1328,7 +1502,8 @@ def quiet_libraries() -> None:
     datasets.utils.logging.set_verbosity_error()
 
 
-def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag) -> int:
+def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag, ranks: Optional[Ranks] = None) -> int:
+    ranks = ranks or Ranks()
     started = time.time()
     cfg = load_config(config_path)
     run.config = cfg
@@ -1338,7 +1513,8 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag) -> int
 
     resume_from = None
     if resume != "never":
-        discard_partial_checkpoints(run)
+        if ranks.is_local_main:  # the other ranks only read; they take complete checkpoints only
+            discard_partial_checkpoints(run)
         if resume == "auto":
             found = complete_checkpoints(run.checkpoints)
             resume_from = found[-1][1] if found else None
@@ -1348,17 +1524,17 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag) -> int
             resume_from = Path(resume).resolve()
             if not checkpoint_is_complete(resume_from):
                 raise UsageError(f"--resume {resume}: not a complete checkpoint (no valid {MANIFEST})")
+    resume_step = int(CHECKPOINT_RE.match(resume_from.name).group(1)) if resume_from is not None else 0
     if resume_from is not None:
-        step = int(CHECKPOINT_RE.match(resume_from.name).group(1))
-        run.truncate_metrics_after(step)
-        run.append_metric({"event": "resume", "step": step})
+        run.truncate_metrics_after(resume_step)
+        run.append_metric({"event": "resume", "step": resume_step})
         log(f"resuming from {resume_from.name}")
 
     import torch
     from transformers import PrinterCallback, Trainer, set_seed
 
     set_seed(cfg.train.seed)
-    plan = plan_device(cfg.train)
+    plan = plan_device(cfg.train, ranks)
     log(f"device {plan.gpu_name or 'cpu'}, compute dtype {plan.dtype_name}, quantization {cfg.model.quantization}")
     base, _ = resolve_local(cfg.model.base, config_path.parent)
     tokenizer = load_tokenizer(base, cfg.model)
@@ -1370,6 +1546,10 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag) -> int
         f"({data.train.tokens} tokens, {data.train.trained_tokens} trained), "
         f"validation {len(data.validation.input_ids) if data.validation else 0}, test {len(data.test.input_ids) if data.test else 0}")
 
+    args = training_arguments(run, cfg, plan, data.validation is not None, ranks)
+    if ranks.world > 1:
+        start_data_parallel(args, cfg.train, ranks, resume_step)
+
     log(f"loading {cfg.model.base}")
     model = attach_lora(load_model(base, cfg, plan), cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -1380,22 +1560,24 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag) -> int
     if data.test is not None:
         if run.base_eval_path.exists():
             base_eval = json.loads(run.base_eval_path.read_text())
-        else:
+        if ranks.world > 1 and all_ranks_max([base_eval is None], args.device)[0]:
+            base_eval = None  # a node without the file: the ranks all score it together
+        if base_eval is None:
             run.set_status("evaluating")
             with model.disable_adapter():
-                base_eval = evaluate_loss(model, data.test, eval_batch, tokenizer.pad_token_id)
-            write_json_atomic(run.base_eval_path, base_eval)
+                base_eval = evaluate_loss(model, data.test, eval_batch, tokenizer.pad_token_id, ranks)
+            if ranks.is_main:
+                write_json_atomic(run.base_eval_path, base_eval)
             run.append_metric({"event": "base_eval", "test_loss": base_eval["loss"]})
         log(f"base model test loss {base_eval['loss']:.4f}")
 
-    args = training_arguments(run, cfg, plan, data.validation is not None)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=to_dataset(data.train),
         eval_dataset=to_dataset(data.validation) if data.validation else None,
         data_collator=lambda f: collate(f, tokenizer.pad_token_id, 8 if plan.device == "cuda" else 1),
-        callbacks=make_callbacks(run, cfg, stop, plan),
+        callbacks=make_callbacks(run, cfg, stop, plan, ranks),
     )
     trainer.remove_callback(PrinterCallback)  # our callback prints (and records) progress
     stop.training = True
@@ -1411,21 +1593,24 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag) -> int
         log(f"stopped at step {step}; checkpoint-{step} saved; continue with --resume auto")
         return code
 
-    if run.incoming.exists():
+    if ranks.is_local_main and run.incoming.exists():
         shutil.rmtree(run.incoming)
     run.set_status("saving", step=trainer.state.global_step)
-    tmp = run.root / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(run.adapter, ignore_errors=True)
-    os.replace(tmp, run.adapter)
-    log(f"adapter saved to {run.adapter}")
+    if ranks.is_main:
+        tmp = run.root / ".adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(run.adapter, ignore_errors=True)
+        os.replace(tmp, run.adapter)
+        log(f"adapter saved to {run.adapter}")
 
     run.set_status("evaluating")
     report: dict[str, Any] = {"train_steps": trainer.state.global_step, "train_loss": result.training_loss}
     if data.test is not None:
-        final = evaluate_loss(model, data.test, eval_batch, tokenizer.pad_token_id)
+        final = evaluate_loss(model, data.test, eval_batch, tokenizer.pad_token_id, ranks)
+        if not ranks.is_main:
+            return EXIT_OK  # rank 0 writes the samples and the report
         report.update(test_loss=final["loss"], test_perplexity=final["perplexity"], test_tokens=final["tokens"],
                       test_examples=len(data.test.input_ids), base_test_loss=base_eval["loss"],
                       base_test_perplexity=base_eval["perplexity"])
@@ -1438,6 +1623,8 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag) -> int
     else:
         report["test_loss"] = None
         report["note"] = "no test split (data.splits.test is 0 and no data.test_path)"
+    if not ranks.is_main:
+        return EXIT_OK
     if plan.device == "cuda":
         report["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         report["peak_gpu_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 3)
@@ -1447,6 +1634,25 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag) -> int
     run.set_status("done", step=trainer.state.global_step, exit_code=EXIT_OK)
     log("done")
     return EXIT_OK
+
+
+def start_data_parallel(args: Any, train: TrainSection, ranks: Ranks, resume_step: int) -> None:
+    """Join the ranks (the Trainer's arguments start torch.distributed), check they resume from the
+    same step, and say once how the batch is split."""
+    high, neg_low = all_ranks_max([resume_step, -resume_step], args.device)  # args.device: joins the group
+    if high != -neg_low:
+        raise EnvironmentProblem(
+            f"the ranks found different newest checkpoints (steps {-neg_low} to {high}); every node needs "
+            "the same checkpoints/ in its run folder: copy the newest complete one to each node, then --resume auto"
+        )
+    accum = args.gradient_accumulation_steps
+    global_batch = train.micro_batch_size * accum * ranks.world
+    planned = train.micro_batch_size * train.grad_accum
+    note = "" if global_batch == planned else (
+        f", not the planned {planned} (train.micro_batch_size x train.grad_accum): {ranks.world} ranks do not divide "
+        f"train.grad_accum {train.grad_accum}, so each accumulates the nearest whole number")
+    log(f"data parallel: {ranks.world} ranks on {ranks.nodes} node(s), each micro_batch_size {train.micro_batch_size} "
+        f"x grad_accum {accum}: global batch {global_batch}{note}")
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -1461,26 +1667,38 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [ACCELERATE_LAUNCH]:
+        return accelerate_launch(argv[1:])
     args = parse_args(argv)
-    run = RunDir(args.out.resolve())
+    ranks = Ranks.from_env()
+    run = RunDir(args.out.resolve(), writes=ranks.is_main)
     run.root.mkdir(parents=True, exist_ok=True)
     log_file = run.log_path.open("a", buffering=1)
-    sys.stdout, sys.stderr = Tee(sys.__stdout__, log_file), Tee(sys.__stderr__, log_file)
+    if ranks.is_main:
+        sys.stdout, sys.stderr = Tee(sys.__stdout__, log_file), Tee(sys.__stderr__, log_file)
+    else:
+        # Rank 0 says everything once; the others keep to their warnings and errors, marked.
+        sys.stdout = open(os.devnull, "w")
+        sys.stderr = Prefixed(Tee(sys.__stderr__, log_file), f"[rank {ranks.rank}] ")
+    if ranks.world > 1:
+        die_with_parent()
     stop = _StopFlag()
     signal.signal(signal.SIGTERM, stop.handler)
     signal.signal(signal.SIGINT, stop.handler)
     # An existing run is left exactly as it is: refusing must not overwrite its status.
     previous = run.read_status()
     if args.resume == "never" and (previous.get("phase") == "done" or complete_checkpoints(run.checkpoints)):
-        print(f"qlora_runner: usage error: {run.root} already holds a run; continue it with --resume auto, "
-              "or pick a new --out", file=sys.stderr, flush=True)
+        if ranks.is_main:  # every rank refuses; one says why
+            print(f"qlora_runner: usage error: {run.root} already holds a run; continue it with --resume auto, "
+                  "or pick a new --out", file=sys.stderr, flush=True)
         return EXIT_USAGE
     if args.resume != "never" and previous.get("phase") == "done":
         log(f"{run.root} is already done; nothing to resume")
         return EXIT_OK
     code = EXIT_INTERNAL
     try:
-        code = run_job(args.config.resolve(), run, args.resume, stop)
+        code = run_job(args.config.resolve(), run, args.resume, stop, ranks)
     except Stopped as e:
         code = EXIT_PREEMPTED if e.signum == signal.SIGTERM else EXIT_INTERRUPTED
         run.set_status("preempted", exit_code=code, error=f"stopped by {e} before training; rerun with --resume auto")
@@ -1516,6 +1734,8 @@ def oom_message(e: BaseException, run: RunDir) -> str:
 
 
 def _fail(run: RunDir, code: int, message: str, debug: bool) -> None:
+    if not run.writes and code in (EXIT_USAGE, EXIT_CONFIG, EXIT_DATA):
+        return  # the same on every rank: rank 0 tells it once
     if debug:
         traceback.print_exc()
     try:

@@ -150,6 +150,11 @@ class Provider(ABC):
         return cls.rents_machines
 
     @classmethod
+    def spans_nodes(cls, market: str) -> bool:
+        """Whether several machines of `market` can be rented to train one job together."""
+        return False
+
+    @classmethod
     def market_availability(cls) -> dict[str, Availability]:
         """Per market (see `markets`): whether it can be rented from here; `launch check` lists each."""
         return {}

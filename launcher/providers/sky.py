@@ -232,6 +232,10 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
         return {cloud: cloud_availability(cloud) for cloud in SKY_CLOUDS}
 
     @classmethod
+    def spans_nodes(cls, market: str) -> bool:
+        return market in SKY_CLOUDS and market not in SINGLE_NODE_CLOUDS
+
+    @classmethod
     def run_label(cls, run_id: str) -> str:
         return cluster_name(run_id)  # a cluster's name is its label: `sky status` lists ours by the prefix
 
@@ -248,12 +252,13 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
     # ---- offers -----------------------------------------------------------------------------
 
     def offers(self, need: Need, usd_per_hour: float = 0.0) -> list[Offer]:
-        """The configured clouds' GPU offers (every region, both markets), priced by SkyPilot's
+        """The enabled clouds' GPU offers (every region, both markets), priced by SkyPilot's
         catalog when it is installed, else by the shipped snapshots; multi-node jobs only where
-        SkyPilot can make several nodes. The planner does the fitting."""
+        SkyPilot can make several nodes. The planner does the fitting. (A cloud not enabled here
+        keeps its shipped snapshot in the plan, marked as not rentable: no catalog download for it.)"""
         out: list[Offer] = []
         for cloud in self.settings.clouds:
-            if self.nodes > 1 and cloud in SINGLE_NODE_CLOUDS:
+            if (self.nodes > 1 and cloud in SINGLE_NODE_CLOUDS) or not cloud_availability(cloud).usable:
                 continue
             try:
                 found = sky_catalog_offers(cloud) if sky_client.installed() else snapshot_offers(cloud)

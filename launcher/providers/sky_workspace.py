@@ -8,20 +8,22 @@ from __future__ import annotations
 
 from typing import Callable
 
+from launcher.distributed import Topology
+from launcher.remote import Machine
 from launcher.workspace import ShellWorkspace
 
 GUARD_PID_FILE = "~/.qlora-launch/guard.pid"  # the keep-alive watchdog writes its pid there
 
 
 class SkyWorkspace(ShellWorkspace):
-    def __init__(self, machine, folder: str, rearm: Callable[[], None]) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, machine: Machine, folder: str, rearm: Callable[[], None]) -> None:
         super().__init__(machine, folder)
         self.rearm = rearm
 
-    def start(self, python: str, *, resume: bool, **kwargs) -> int:  # type: ignore[no-untyped-def]
+    def start(self, python: str, *, resume: bool, topology: Topology = Topology()) -> int:
         if not self.keep_alive_running():
             self.rearm()
-        return super().start(python, resume=resume, **kwargs)
+        return super().start(python, resume=resume, topology=topology)
 
     def keep_alive_running(self) -> bool:
         check = f'pid=$(cat {GUARD_PID_FILE} 2>/dev/null) && kill -0 "$pid" 2>/dev/null && echo yes || echo no'

@@ -443,7 +443,7 @@ class FakeWorkspace(Workspace):
         folder.keep = getattr(train, "keep_checkpoints", 3)
         folder.uploaded = True
 
-    def start(self, python: str, *, resume: bool) -> int:
+    def start(self, python: str, *, resume: bool, topology: Any = None) -> int:
         folder = self._run("start", python, resume)
         job = self.cloud.new_job()
         folder.start(job, resume)

@@ -56,9 +56,18 @@ def test_gpu_any_drops_the_configs_pinned_gpu():
     assert pinned == {"A10G"} and {"A10G", "T4", "L4"} <= anywhere
 
 
-def test_gpu_and_gpus_must_agree():
-    code, _, err = launch("plan", "--config", str(MISTRAL), "--gpu", "A10G:2")  # the config says gpus: 1
+def test_gpu_and_gpus_must_agree(tmp_path):
+    # In the file: two counts that disagree are a mistake to say.
+    text = MISTRAL.read_text().replace("resources: {gpu: A10G, gpus: 1,", "resources: {gpu: A10G:2, gpus: 1,")
+    assert text != MISTRAL.read_text()
+    (tmp_path / "job.yaml").write_text(text)
+    code, _, err = launch("plan", "--config", str(tmp_path / "job.yaml"))
     assert code == 3 and "resources.gpus" in err and "say it once" in err
+    # A flag's count overrides the file's (the ready configs say gpus: 1): --gpu A10G:2 means 2 GPUs.
+    code, out, err = launch("plan", "--config", str(MISTRAL), "--gpu", "A10G:2", "--json")
+    plan = json.loads(out)
+    assert code in (0, 9), err
+    assert all(row["gpu_count"] == 2 for row in plan["offers"] if row["fits"])
 
 
 def test_gpu_on_a_job_that_trains_on_the_cpu_is_refused(tmp_path):

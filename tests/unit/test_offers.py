@@ -206,3 +206,37 @@ def test_plan_prices_the_target_with_the_gpus_its_nvidia_smi_lists(tmp_path):
     (local,) = [o for o in plan["offers"] if o["provider"] == "local"]
     assert (local["gpu"], local["gpu_count"], local["vram_gb"], local["usd_per_hour"]) == ("NVIDIA A10G", 2, 22.5, 0.4)
     assert local["fits"] and local["est_total_usd"] == pytest.approx((local["est_hours"] + 0.25) * 0.4, rel=1e-3)
+
+
+# ---- data parallel: the job asked for several GPUs or nodes -------------------------------------
+
+
+def test_asked_for_gpus_train_data_parallel_one_model_each_and_faster():
+    need = need_of("mistral-7b-qlora")  # ~9.4 GB: fits one A10G
+    one = offers.evaluate(offers.Offer("aws", "r", "A10G", 1, 22.35, 1.0, False), need)
+    four = offers.evaluate(offers.Offer("aws", "r", "A10G", 4, 22.35, 5.0, False), need, data_parallel=True)
+    assert four.fits
+    assert four.est_hours == pytest.approx(one.est_hours / (4 * offers.DATA_PARALLEL_EFFICIENCY))
+    assert four.est_total_usd == pytest.approx(estimate.estimate_usd(four.est_hours, 5.0))
+    # Each rank holds the whole model: the GPUs' memory is not summed.
+    big = need_of("llama-3.1-8b-qlora")  # ~16.6 GB
+    t4s = offers.evaluate(offers.Offer("aws", "r", "T4", 4, 15.0, 1.0, False), big, data_parallel=True)
+    assert not t4s.fits and "per GPU (each holds the model)" in t4s.why_not
+    spread = offers.evaluate(offers.Offer("aws", "r", "T4", 4, 15.0, 1.0, False), big)  # not asked: spread
+    assert spread.fits
+
+
+def test_several_nodes_bill_each_node_and_rent_only_where_nodes_can_be_made():
+    need = need_of("mistral-7b-qlora")
+    two = offers.evaluate(offers.Offer("aws", "r", "A10G", 1, 22.35, 1.0, False), need, data_parallel=True, nodes=2)
+    one = offers.evaluate(offers.Offer("aws", "r", "A10G", 1, 22.35, 1.0, False), need)
+    assert two.est_hours == pytest.approx(one.est_hours / (2 * offers.MULTI_NODE_EFFICIENCY))
+    assert two.est_total_usd == pytest.approx(estimate.estimate_usd(two.est_hours, 2.0))
+    c = offers.Constraints(data_parallel=True, nodes=2, multi_node_markets=frozenset({"aws", "lambda"}))
+    market = [offers.Offer("aws", "r", "A10G", 1, 22.35, 1.0, False), offers.Offer("runpod", "r", "A10G", 1, 22.35, 0.5,
+                                                                                      False),
+              offers.Offer("vast", "r", "A10G", 1, 22.35, 0.2, False)]
+    rows, choice = offers.plan(market, need, c)
+    assert rows[choice].offer.provider == "aws"
+    assert {p.offer.provider: p.why_not for p in rows if not p.fits} == {
+        "runpod": "one machine only, 2 nodes asked for", "vast": "one machine only, 2 nodes asked for"}
