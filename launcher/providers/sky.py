@@ -330,17 +330,29 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
         return next((r for r in records if _field(r, "name") == cluster), None)
 
     def _machine(self, cluster: str, spec: MachineSpec) -> SkyMachine:
+        return self._machines(cluster, spec)[0]
+
+    def _machines(self, cluster: str, spec: MachineSpec) -> list[SkyMachine]:
+        """The cluster's nodes, head first, over the SSH details SkyPilot reports (one unreachable
+        machine when it reports none)."""
         record = self._record(cluster, credentials=True)
         handle = _field(record, "handle") if record is not None else None
-        host = getattr(handle, "head_ip", None)
-        if record is None or not host:
-            return SkyMachine(cluster, None, SSHOptions(known_hosts=spec.known_hosts, control_dir=spec.control_dir))
+        hosts = list(getattr(handle, "cached_external_ips", None) or [])
+        if record is None or not hosts:
+            return [SkyMachine(cluster, None, SSHOptions(known_hosts=spec.known_hosts, control_dir=spec.control_dir))]
+        ports = list(getattr(handle, "cached_external_ssh_ports", None) or [])
         credentials = _field(record, "credentials") or {}
-        identity = _identity_file(cluster, credentials)
-        address = SSHAddress(host=str(host), user=credentials.get("ssh_user") or getattr(handle, "ssh_user", None),
-                             port=int(getattr(handle, "head_ssh_port", None) or 22))
-        return SkyMachine(cluster, address, SSHOptions(known_hosts=spec.known_hosts, control_dir=spec.control_dir,
-                                                       identity=identity))
+        options = SSHOptions(known_hosts=spec.known_hosts, control_dir=spec.control_dir,
+                             identity=_identity_file(cluster, credentials))
+        user = credentials.get("ssh_user") or getattr(handle, "ssh_user", None)
+        machines = []
+        for index, host in enumerate(hosts):
+            port = ports[index] if index < len(ports) else (ports[0] if ports else 22)
+            machine = SkyMachine(cluster, SSHAddress(host=str(host), user=user, port=int(port or 22)), options)
+            if index:
+                machine.name = f"{machine.name}:node{index}"
+            machines.append(machine)
+        return machines
 
     # ---- after provisioning -----------------------------------------------------------------
 
@@ -410,10 +422,23 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
 
     def open_workspace(self, machine: Machine, run_id: str, workdir: Optional[str] = None,
                        run_folder: Optional[str] = None) -> Any:
-        from launcher.providers.sky_workspace import SkyWorkspace
+        from launcher.providers.sky_workspace import ClusterWorkspace, SkyWorkspace
+        from launcher.workspace import ShellWorkspace
 
+        cluster = _cluster_of(machine)
         base = super().open_workspace(machine, run_id, workdir or self.workdir, run_folder)
-        return SkyWorkspace(base.machine, base.folder, rearm=lambda: self.rearm_watchdog(_cluster_of(machine)))
+        rearm = lambda: self.rearm_watchdog(cluster)  # noqa: E731
+        if self.nodes == 1:
+            return SkyWorkspace(base.machine, base.folder, rearm)
+        options = machine.options  # type: ignore[attr-defined]  (a SkyMachine: how its head is reached)
+        spec = MachineSpec(run_id, known_hosts=options.known_hosts, control_dir=options.control_dir)
+        workers = self._machines(cluster, spec)[1:]
+        if len(workers) != self.nodes - 1:
+            raise ProviderError(f"cluster {cluster}: SkyPilot reports {len(workers) + 1} nodes, "
+                                f"the job asks for {self.nodes} (resources.nodes)")
+        # Each worker's folder resolved there (the same path on a real cluster: one image, one user).
+        nodes = [base, *(ShellWorkspace.create(worker, workdir or self.workdir, run_id) for worker in workers)]
+        return ClusterWorkspace(nodes, rearm)
 
     def rearm_watchdog(self, cluster: str) -> None:
         """Submit the keep-alive job again (its earlier run ended: the run had ended, or the

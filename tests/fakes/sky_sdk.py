@@ -37,6 +37,20 @@ MARKER = "FAKE_VAST_INSTANCE"  # the same marker the fake Vast.ai uses: its proc
 
 
 @dataclass
+class FakeNode:
+    """One node of a cluster: its own HOME and sshd on 127.0.0.1."""
+
+    folder: Path
+    marker: str  # what the fake Vast.ai's process helpers find the node's processes by
+    sshd: Optional[subprocess.Popen] = None
+    port: int = 0
+
+    @property
+    def home(self) -> Path:
+        return self.folder / "home"
+
+
+@dataclass
 class FakeCluster:
     name: str
     folder: Path
@@ -44,14 +58,13 @@ class FakeCluster:
     autostop: dict[str, Any]
     status: Any = sky.ClusterStatus.INIT
     ever_up: bool = False
-    sshd: Optional[subprocess.Popen] = None
-    port: int = 0
+    nodes: list[FakeNode] = field(default_factory=list)
     jobs: list[subprocess.Popen] = field(default_factory=list)
     launched_at: float = field(default_factory=time.time)
 
     @property
     def home(self) -> Path:
-        return self.folder / "home"
+        return self.nodes[0].home
 
     @property
     def marker(self) -> str:
@@ -115,7 +128,9 @@ class FakeSky:
         # SkyPilot's own pricing of the pinned resources: an instance type it does not know raises here.
         resources.get_cost(3600)
         cluster = FakeCluster(name, self.folder / name, task, autostop)
-        cluster.home.mkdir(parents=True, exist_ok=True)
+        cluster.nodes = [FakeNode(cluster.folder / f"node{i}", f"sky-{name}") for i in range(task.num_nodes)]
+        for node in cluster.nodes:
+            node.home.mkdir(parents=True, exist_ok=True)
         with self._lock:
             self.clusters[name] = cluster
         if self.hang_launch:
@@ -124,27 +139,30 @@ class FakeSky:
             raise exceptions.ClusterSetUpError("the launch was torn down")
         if self.fail_launch:
             raise exceptions.ClusterSetUpError(f"Failed to set up SkyPilot runtime on cluster: {self.fail_launch}")
-        for remote, local in (task.file_mounts or {}).items():  # SkyPilot rsyncs them to each node
-            target = cluster.home / remote.removeprefix("~/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(local, target)
-        cluster.port = free_port()
-        if not self.break_ssh:
-            cluster.sshd, _ = run_sshd(cluster.folder, [Path(f"{self.key}.pub").read_text()], cluster.port,
-                                       session_env={"HOME": str(cluster.home)},
-                                       process_env={MARKER: cluster.marker})
+        for node in cluster.nodes:
+            for remote, local in (task.file_mounts or {}).items():  # SkyPilot rsyncs them to each node
+                target = node.home / remote.removeprefix("~/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(local, target)
+            node.port = free_port()
+            if not self.break_ssh:
+                node.sshd, _ = run_sshd(node.folder, [Path(f"{self.key}.pub").read_text()], node.port,
+                                        session_env={"HOME": str(node.home)}, process_env={MARKER: node.marker})
         cluster.status, cluster.ever_up = sky.ClusterStatus.UP, True
         self._run_job(cluster, task)
         return 1, None
 
     def _run_job(self, cluster: FakeCluster, task: Any) -> None:
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(cluster.home), MARKER: cluster.marker,
-               **{k: str(v) for k, v in (task.envs or {}).items()},
-               "SKYPILOT_NODE_RANK": "0", "SKYPILOT_NODE_IPS": "127.0.0.1",
-               "SKYPILOT_NUM_NODES": str(task.num_nodes), "SKYPILOT_NUM_GPUS_PER_NODE": "1"}
-        log = open(cluster.folder / "job.log", "a")
-        cluster.jobs.append(subprocess.Popen(["bash", "-c", task.run], cwd=cluster.home, env=env, stdout=log,
-                                             stderr=subprocess.STDOUT, start_new_session=True))
+        """The task's run command on every node, with SkyPilot's node variables (all on 127.0.0.1)."""
+        gpus = next(iter((cluster.resources.accelerators or {"none": 0}).values()))
+        for rank, node in enumerate(cluster.nodes):
+            env = {"PATH": os.environ.get("PATH", ""), "HOME": str(node.home), MARKER: node.marker,
+                   **{k: str(v) for k, v in (task.envs or {}).items()},
+                   "SKYPILOT_NODE_RANK": str(rank), "SKYPILOT_NODE_IPS": "\n".join("127.0.0.1" for _ in cluster.nodes),
+                   "SKYPILOT_NUM_NODES": str(len(cluster.nodes)), "SKYPILOT_NUM_GPUS_PER_NODE": str(int(gpus))}
+            log = open(node.folder / "job.log", "a")
+            cluster.jobs.append(subprocess.Popen(["bash", "-c", task.run], cwd=node.home, env=env, stdout=log,
+                                                 stderr=subprocess.STDOUT, start_new_session=True))
 
     def exec(self, task: Any, cluster_name: str, **_: Any) -> str:
         def work() -> tuple[int, Any]:
@@ -166,7 +184,9 @@ class FakeSky:
         return self._request("status", cluster_names, work)
 
     def _record(self, cluster: FakeCluster, credentials: bool) -> Any:
-        handle = SimpleNamespace(head_ip="127.0.0.1" if cluster.ever_up else None, head_ssh_port=cluster.port,
+        up = cluster.ever_up  # SkyPilot's handle: cached_external_ips/ports, head first
+        handle = SimpleNamespace(cached_external_ips=["127.0.0.1" for _ in cluster.nodes] if up else None,
+                                 cached_external_ssh_ports=[n.port for n in cluster.nodes] if up else None,
                                  ssh_user=None, launched_resources=cluster.resources)
         record = SimpleNamespace(name=cluster.name, status=cluster.status, handle=handle,
                                  cluster_ever_up=cluster.ever_up, autostop=cluster.autostop["idle_minutes"],
@@ -194,8 +214,9 @@ class FakeSky:
         self._kill(cluster)
 
     def _kill(self, cluster: FakeCluster) -> None:
-        _kill_instance(cluster, grace_s=2.0)  # type: ignore[arg-type]
-        _reap(cluster)  # type: ignore[arg-type]
+        for node in cluster.nodes:
+            _kill_instance(node, grace_s=2.0)  # type: ignore[arg-type]
+            _reap(node)  # type: ignore[arg-type]
         for job in cluster.jobs:
             try:
                 job.wait(timeout=5)
