@@ -95,7 +95,11 @@ def cmd_down_all(args: argparse.Namespace, store: RunStore, console: Console, er
     unanswered = 0
     for name in sweepable():
         cls = PROVIDERS[name]
-        usable = availability(cls)
+        assert issubclass(cls, Sweepable)
+        usable = cls.sweep_availability()
+        if not usable.usable and not usable.matters:
+            console.print(f"{cls.title}: {usable.detail}", highlight=False, style="dim")
+            continue
         if not usable.usable:
             unanswered += 1
             errors.print(f"[red]error:[/] {cls.title}: not checked, {usable.detail}; `launch check` says how to set "

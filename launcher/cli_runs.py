@@ -39,6 +39,13 @@ def resolve_run_argument(args: argparse.Namespace, store: RunStore) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _catalog_priced(machine: dict[str, Any]) -> bool:
+    from launcher.providers import PROVIDERS
+
+    provider = PROVIDERS.get(str(machine.get("provider")))
+    return provider is not None and provider.price_source == "catalog"
+
+
 def render_summary(console: Console, outcome: job.Outcome, machines: list[dict[str, Any]], spent: float) -> None:
     record = outcome.record
     console.rule("summary")
@@ -50,7 +57,9 @@ def render_summary(console: Console, outcome: job.Outcome, machines: list[dict[s
     if record.error:
         console.print(f"error: {record.error}", highlight=False)
     if machines:
-        table = Table(title="machines")
+        catalog = [m["target"] for m in machines if _catalog_priced(m)]
+        table = Table(title="machines", caption="$/h of " + ", ".join(catalog) + ": the catalog price (the cloud's "
+                      "own bill may differ)" if catalog else None)
         for column in ("machine", "GPU", "region", "$/h", "time", "$", "ended"):
             table.add_column(column, justify="right" if column in ("$/h", "time", "$") else "left")
         for m in machines:
@@ -222,7 +231,8 @@ def render_status(console: Console, record: RunRecord, live: dict[str, Any], mac
     rows.append(("machine", f"{record.target or 'none rented yet'}, GPU: {record.gpu or '-'}"
                  + (f"; the provider says: {escape(str(live['machine_state']))}" if "machine_state" in live else "")))
     for m in machines:
-        rows.append(("", f"{m['target']} {m['gpu'] or '-'} at ${m['usd_per_hour']:.3f}/h for "
+        rows.append(("", f"{m['target']} {m['gpu'] or '-'} at ${m['usd_per_hour']:.3f}/h"
+                         f"{' (catalog price)' if _catalog_priced(m) else ''} for "
                          f"{_duration(m['seconds'])}: {_usd(m['usd'])}, {m['end_reason'] or 'running'}"))
     rows.append(("time", _duration(record.runner_seconds()) + (" so far" if record.status in ACTIVE else "")))
     rows.append(("spent", _usd(usd) if usd or record.usd_per_hour or machines

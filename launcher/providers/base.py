@@ -112,6 +112,9 @@ class Availability:
     usable: bool
     detail: str  # what was found (never a secret): "key from VAST_API_KEY", "no key in ..."
     fix: Optional[str] = None
+    # For a sweep: False when nothing of ours can be there (the provider's client was never
+    # installed here, so nothing was rented through it from here): a note, not an error.
+    matters: bool = True
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,9 @@ class Provider(ABC):
     # The offer providers (markets) it rents besides its own name: the SkyPilot provider rents the
     # offers of aws, gcp, lambda, ... (an Offer's `provider` is the market a person recognises).
     markets: ClassVar[tuple[str, ...]] = ()
+    # Where a rented machine's $/h comes from: "billed" (what the provider says it charges for that
+    # machine) or "catalog" (a price list: the cloud's own bill may differ); summaries say which.
+    price_source: ClassVar[str] = "billed"
     log: Callable[[str], None] = staticmethod(lambda text: None)  # warnings for the user (the reporter's)
 
     @classmethod
@@ -216,6 +222,11 @@ class Sweepable(ABC):
     def run_label(cls, run_id: str) -> str:
         """The label a run's machine carries in the provider's listing (Vast.ai: qlora-launch:<run id>)."""
         return label_for(run_id)
+
+    @classmethod
+    def sweep_availability(cls) -> Availability:
+        """Whether its listing can be asked from here (by default: whether the provider is usable)."""
+        return availability(cls)  # type: ignore[arg-type]
 
     @abstractmethod
     def labelled_machines(self) -> list[LabelledMachine]:

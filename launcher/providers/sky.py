@@ -127,7 +127,7 @@ def cloud_availability(cloud: str) -> Availability:
     asked only when credentials are there at all. Cached for the process."""
     title = TITLES.get(cloud, cloud)
     if not sky_client.installed():
-        return Availability(False, f"{title}: SkyPilot is not installed", "pip install 'qlora-launch[sky]'")
+        return Availability(False, "not enabled: SkyPilot is not installed here", sky_client.INSTALL_HINT)
     source = local_credentials(cloud)
     if source is None:
         env_vars, files = credential_sources(cloud)
@@ -199,6 +199,7 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
     rents_machines = True
     settings_model = SkySettings
     markets = SKY_CLOUDS
+    price_source = "catalog"  # SkyPilot's cost report is catalog x uptime too; the cloud's bill is the truth
 
     def __init__(self, settings: Optional[SkySettings] = None, log: Callable[[str], None] = lambda text: None,
                  workdir: Optional[str] = None, nodes: int = 1, client: Any = None) -> None:
@@ -221,11 +222,19 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
     @classmethod
     def availability(cls) -> Availability:
         if not sky_client.installed():
-            return Availability(False, "SkyPilot is not installed", "pip install 'qlora-launch[sky]'")
+            return Availability(False, "SkyPilot is not installed", sky_client.INSTALL_HINT)
         enabled = enabled_clouds()
         if enabled:
             return Availability(True, "enabled: " + ", ".join(TITLES[c] for c in enabled))
         return Availability(False, "no cloud enabled (each is listed below)", "`sky check` says what each needs")
+
+    @classmethod
+    def sweep_availability(cls) -> Availability:
+        """SkyPilot lists our clusters from its own state, whatever the clouds' credentials say now."""
+        if not sky_client.installed():
+            return Availability(False, "SkyPilot is not installed here, so no cluster was launched from here",
+                                sky_client.INSTALL_HINT, matters=False)
+        return Availability(True, "SkyPilot's cluster list")
 
     @classmethod
     def market_availability(cls) -> dict[str, Availability]:

@@ -47,7 +47,7 @@ def launch_on_aws(tmp_path: Path, **resources) -> tuple[job.Session, job.Outcome
     store = RunStore(tmp_path / "home" / "runs.sqlite")
     plan = planning.compute_plan(config, [], lambda text: None, renting=True)
     chosen = plan.candidates[0]
-    assert (chosen.provider, chosen.instance_type) == ("aws", "g5.xlarge")
+    assert chosen.provider == "aws" and chosen.instance_type.startswith("g5.")  # A10G: AWS's g5 family
     session = job.create_run(config, tmp_path / "runs", store, planned_provider=chosen.provider)
     outcome = job.launch(session, job.SilentReporter(), candidates=plan.candidates)
     return session, outcome, store
@@ -58,6 +58,7 @@ def test_launch_rents_the_planned_g5_trains_pulls_and_tears_the_cluster_down(fak
     record = store.get(session.record.id)
     assert (record.status, record.exit_code, outcome.exit_code) == ("done", 0, 0), record.error
     assert record.provider == "sky" and record.machine_id.startswith("qlora-")
+    assert store.machines(record.id)[0].gpu == "A10G"  # g5.xlarge on demand: the cheapest whole job
     assert fake.launched() == [record.machine_id] and fake.downed() == [record.machine_id]
     (machine,) = store.machines(record.id)
     assert machine.usd_per_hour == 1.006  # g5.xlarge on demand in the catalog: the cost is catalog x uptime
@@ -84,3 +85,34 @@ def test_two_nodes_train_data_parallel_with_rank_0_on_the_head(fake, tmp_path):
     # The worker trained too (its own node file, its own copy of the checkpoints), but wrote no history.
     worker_run = worker / "runs" / record.id
     assert (worker_run / "checkpoints").is_dir() and not (worker_run / "metrics.jsonl").exists()
+
+
+def test_a_preempted_spot_cluster_is_downed_and_the_run_resumes_on_the_next_offer(fake, tmp_path):
+    import threading
+    import time
+
+    def preempt_after_a_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            for name, cluster in list(fake.clusters.items()):
+                done = list(cluster.home.glob("qlora-launch/runs/*/checkpoints/checkpoint-6/*.json"))
+                if done:
+                    time.sleep(1.0)  # the launcher pulls it within a look or two
+                    fake.preempt(name)
+                    return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=preempt_after_a_checkpoint, daemon=True)
+    watcher.start()
+    session, outcome, store = launch_on_aws(tmp_path, interruptible=True)
+    watcher.join(timeout=5)
+    record = store.get(session.record.id)
+    assert (record.status, record.exit_code, outcome.exit_code) == ("done", 0, 0), record.error
+    first, second = store.machines(record.id)
+    assert first.end_reason in ("preempted", "gone") and second.end_reason == "done"
+    assert first.region != second.region or first.usd_per_hour <= second.usd_per_hour  # the next offer
+    assert len(fake.launched()) == 2 and len(set(fake.downed())) == 1 and len(fake.downed()) >= 1
+    run_dir = Path(record.run_dir)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert steps == list(range(1, 13))  # resumed from the checkpoint: every step once

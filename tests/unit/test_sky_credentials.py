@@ -102,3 +102,19 @@ def test_an_enabled_cloud_makes_its_offers_rentable(monkeypatch, no_launch):
     assert code == 0 and plan["notes"] == []
     chosen = plan["offers"][plan["choice"]]
     assert chosen["provider"] == "aws" and chosen["rentable"] and chosen["instance_type"] == "g5.xlarge"
+
+
+def test_without_the_extra_the_clouds_are_priced_and_renting_says_how_to_install_it(monkeypatch, no_launch,
+                                                                                   tmp_path):
+    monkeypatch.setattr(sky_client, "installed", lambda: False)  # a laptop without qlora-launch[sky]
+    code, out, _ = launch(*A10G_ON_AWS)
+    assert code == 0 and "aws†" in out
+    assert "aws: not enabled: SkyPilot is not installed here; install qlora-launch[sky] to rent on AWS" in out
+    code, _, err = launch(*A10G_ON_AWS[1:], "--yes", "--runs-dir", str(tmp_path / "runs"))
+    assert code == 2 and "install qlora-launch[sky]" in err and "Error" not in err
+    code, out, _ = launch("check", "--json")
+    sky = {p["what"]: p for p in json.loads(out)["providers"]}["sky"]
+    assert not sky["usable"] and "qlora-launch[sky]" in sky["fix"]
+    code, out, err = launch("down", "--all", "--yes")  # (exit 8 here: Vast.ai has no key in this test)
+    assert "SkyPilot is not installed here, so no cluster was launched from here" in out
+    assert "SkyPilot" not in err  # a note, not an error: nothing can have been launched through it from here
