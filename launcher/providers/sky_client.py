@@ -111,16 +111,25 @@ class SkyServer:
         self.log = log
 
     def ensure(self) -> Any:
-        """The sky module, with a server answering; starts ours when none does."""
+        """The sky module, with a server answering; starts ours when none does. The port is decided
+        before SkyPilot computes its server URL (it caches it for the process)."""
         sky = import_sky()
+        from sky import skypilot_config
+        from sky.server import common
+
         with SkyServer._lock:
-            if self._healthy(sky):
-                return sky
-            if os.environ.get(ENDPOINT_ENV):
-                raise ProviderError(f"SkyPilot's API server at {os.environ[ENDPOINT_ENV]} ({ENDPOINT_ENV}) does not "
-                                    "answer; start it or unset the variable")
+            named = os.environ.get(ENDPOINT_ENV) or skypilot_config.get_nested(("api_server", "endpoint"), None)
+            if named:  # the user's server (maybe a team's, remote): used as it is, never started by us
+                if self._healthy(common, str(named)):
+                    return sky
+                raise ProviderError(f"SkyPilot's API server at {named} ({ENDPOINT_ENV} or ~/.sky/config.yaml "
+                                    "api_server.endpoint) does not answer; start it, or unset it")
+            default = f"http://127.0.0.1:{common.DEFAULT_SERVER_PORT}"
+            if not os.environ.get(PORT_ENV) and self._healthy(common, default):
+                return sky  # the user's own local server
             os.environ[PORT_ENV] = os.environ.get(PORT_ENV) or str(OUR_PORT)  # client and server both read it
-            if self._healthy(sky):  # ours, left by an earlier launcher that could not stop it
+            _forget_server_url(common)
+            if self._healthy(common, common.get_default_server_url()):  # ours, left by an earlier launcher
                 return sky
             self.log(f"starting SkyPilot's API server on 127.0.0.1:{os.environ[PORT_ENV]} (stopped when we exit)")
             from sky.client import sdk
@@ -131,14 +140,22 @@ class SkyServer:
                 atexit.register(stop_our_server)
             return sky
 
-    def _healthy(self, sky: Any) -> bool:
-        from sky.server import common
-
+    @staticmethod
+    def _healthy(common: Any, url: str) -> bool:
         try:
-            status = bounded("a health check", lambda: common.get_api_server_status(common.get_server_url()), 15)
+            status = bounded("a health check", lambda: common.get_api_server_status(url), 15)
         except ProviderError:
             return False
         return getattr(status, "status", None) == common.ApiServerStatus.HEALTHY
+
+
+def _forget_server_url(common: Any) -> None:
+    """SkyPilot caches its server URL and what it learnt of it per process: after the port
+    changes, those answers are stale."""
+    for name in ("get_server_url", "is_api_server_local", "get_api_server_status_response"):
+        cached = getattr(common, name, None)
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
 
 
 def stop_our_server() -> None:
