@@ -20,8 +20,11 @@ def _isolate_skypilot() -> None:
     os.environ["SKY_RUNTIME_DIR"] = str(runtime)
     os.environ["SKYPILOT_DISABLE_USAGE_COLLECTION"] = "1"
     os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(runtime / "no-aws-credentials")
-    os.environ["AWS_CONFIG_FILE"] = str(runtime / "no-aws-config")
+    # Empty files, not missing ones: SkyPilot's launch path opens AWS_CONFIG_FILE (a missing one is a
+    # FileNotFoundError); empty ones hold no credentials, for boto and for our own check.
+    for variable, name in (("AWS_SHARED_CREDENTIALS_FILE", "no-aws-credentials"), ("AWS_CONFIG_FILE", "no-aws-config")):
+        (runtime / name).touch()
+        os.environ[variable] = str(runtime / name)
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                  "GOOGLE_APPLICATION_CREDENTIALS", "RUNPOD_API_KEY", "SKYPILOT_API_SERVER_ENDPOINT"):
         os.environ.pop(name, None)

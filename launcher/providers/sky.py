@@ -67,12 +67,22 @@ class SkySettings(BaseModel):
     idle_minutes: int = Field(10, ge=1)
     # The keep-alive job ends when no runner trains and the launcher has not looked in this long.
     watchdog_idle_minutes: float = Field(30.0, gt=0)
-    image_id: Optional[str] = None  # None: SkyPilot's default GPU image for the cloud (CUDA, python3)
+    image_id: Optional[str] = None  # None: SkyPilot's default GPU image for the cloud (CUDA, python3); or a VM image
     disk_gb: int = Field(100, ge=20)  # the node's disk: venv ~8 GB, model, checkpoints
     launch_timeout_s: float = Field(2400.0, gt=0)  # provisioning + SkyPilot's setup (it installs its runtime)
     ssh_timeout_s: float = Field(300.0, gt=0)  # up, but SSH silent this long: downed
     api_server_timeout_s: float = Field(120.0, gt=0)  # SkyPilot's API server must answer within this
     max_offers_tried: int = Field(3, ge=1)
+
+    @field_validator("image_id")
+    @classmethod
+    def _vm_image(cls, image_id: Optional[str]) -> Optional[str]:
+        if image_id and image_id.startswith("docker:"):
+            # SkyPilot reaches a container through an SSH proxy command of its own; our SSH would land
+            # on the VM outside it, and train there.
+            raise ValueError(f"{image_id}: docker images are not supported (our SSH would reach the VM, not the "
+                             "container); leave image_id unset for SkyPilot's GPU image, or give a VM image id")
+        return image_id
 
     @field_validator("clouds")
     @classmethod
@@ -109,7 +119,8 @@ def local_credentials(cloud: str) -> Optional[str]:
         if os.environ.get(var):
             return var
     for file in files:
-        if Path(file).expanduser().is_file():
+        path = Path(file).expanduser()
+        if path.is_file() and path.stat().st_size > 0:  # an empty file holds no credentials
             return file
     return None
 
@@ -295,8 +306,9 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
         self.log(f"SkyPilot is launching {cluster} ({offer.instance_type} in {offer.region}); its output: {log_path}")
         request = None
         try:
-            request = sky.launch(task, cluster_name=cluster, idle_minutes_to_autostop=self.settings.idle_minutes,
-                                 down=True, wait_for=_wait_for_jobs(), retry_until_up=False)
+            request = sky_client.bounded("the launch request", lambda: sky.launch(
+                task, cluster_name=cluster, idle_minutes_to_autostop=self.settings.idle_minutes, down=True,
+                wait_for=_wait_for_jobs(), retry_until_up=False), self.settings.api_server_timeout_s)
             sink = sky_client.LineSink(log_path)
             try:
                 sky_client.bounded("the launch", lambda: sky.stream_and_get(request, output_stream=sink),
@@ -305,7 +317,8 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
                 sink.close()
             running_since = time.time()
             machine = self._reach(cluster, spec)
-            return Provisioned(machine, cluster, offer.usd_per_hour, running_since)
+            # The catalog's price is per machine: every node of the cluster bills it.
+            return Provisioned(machine, cluster, offer.usd_per_hour * self.nodes, running_since)
         except BaseException as e:
             if request is not None:
                 self._cancel_quietly(request)
@@ -392,9 +405,11 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
             try:
                 sky_client.bounded("the teardown", lambda: sky.get(sky.down(cluster)), 900)
                 return
-            except ProviderError as e:
-                if "ClusterDoesNotExist" in str(e) or "does not exist" in str(e):
+            except sky_client.SkyError as e:
+                if e.kind == "ClusterDoesNotExist":
                     return
+                last = e
+            except ProviderError as e:  # no answer in time: try again
                 last = e
             time.sleep(min(2 ** attempt, 15))
         raise ProviderError(f"cluster {cluster} may still be billing: tearing it down failed ({last}); run "

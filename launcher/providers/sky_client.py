@@ -34,6 +34,18 @@ ENDPOINT_ENV = "SKYPILOT_API_SERVER_ENDPOINT"
 T = TypeVar("T")
 
 
+class SkyError(ProviderError):
+    """SkyPilot raised `kind` (its exception's class name, e.g. ClusterDoesNotExist)."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class SkyCredentialsError(SkyError, CredentialsError):
+    """SkyPilot says the cloud refuses us: trying its other offers is pointless."""
+
+
 class SkyMissing(ProviderError):
     """SkyPilot is not installed here."""
 
@@ -92,8 +104,8 @@ def as_provider_error(what: str, error: BaseException) -> BaseException:
     name = type(error).__name__
     message = f"SkyPilot {what}: {first_line(error) or name}"
     if name in ("NoCloudAccessError", "CloudUserIdentityError", "InvalidCloudCredentials"):
-        return CredentialsError(message + "; run `sky check`")
-    return ProviderError(message)
+        return SkyCredentialsError(message + "; run `sky check`", name)
+    return SkyError(message, name)
 
 
 def server_log() -> Path:
@@ -134,10 +146,10 @@ class SkyServer:
             self.log(f"starting SkyPilot's API server on 127.0.0.1:{os.environ[PORT_ENV]} (stopped when we exit)")
             from sky.client import sdk
 
-            bounded("starting its API server", lambda: sdk.api_start(), self.timeout_s)
-            if not SkyServer._started_here:
+            if not SkyServer._started_here:  # before the start: one we gave up waiting for is still ours to stop
                 SkyServer._started_here = True
                 atexit.register(stop_our_server)
+            bounded("starting its API server", lambda: sdk.api_start(), self.timeout_s)
             return sky
 
     @staticmethod

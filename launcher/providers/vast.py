@@ -431,7 +431,7 @@ def onstart_command(settings: VastSettings, workdir: str, prebuild_venv: bool = 
     pip runs while the launcher still waits for SSH and syncs the data; the launcher's bootstrap
     then finds it ready (or waits on its lock). Packed with gzip+base64: Vast caps on-start at
     4048 characters; comment lines of the shell script are dropped to fit."""
-    files = {"idle_watchdog.py": WATCHDOG.read_text(), "requirements.txt": requirements.read_text()}
+    files = {"idle_watchdog.py": compact_python(WATCHDOG.read_text()), "requirements.txt": requirements.read_text()}
     if prebuild_venv:
         files["bootstrap.sh"] = "\n".join(line for n, line in enumerate(BOOTSTRAP.read_text().splitlines())
                                           if n == 0 or not line.lstrip().startswith("#")) + "\n"
@@ -449,6 +449,20 @@ def onstart_command(settings: VastSettings, workdir: str, prebuild_venv: bool = 
             return onstart_command(settings, workdir, False, requirements)
         raise ProviderError(f"the on-start command is {len(command)} characters, over Vast's {ONSTART_LIMIT}")
     return command
+
+
+def compact_python(source: str) -> str:
+    """The same program without its docstrings and comments (ast round trip): what fits Vast's
+    on-start limit. The file in cluster_templates/ keeps its documentation."""
+    import ast
+
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
+                isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]  # type: ignore[attr-defined]
+    return ast.unparse(tree) + "\n"
 
 
 def _tar_gz(files: dict[str, str]) -> bytes:

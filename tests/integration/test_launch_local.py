@@ -80,8 +80,12 @@ def test_ctrl_c_detaches_then_down_stops_with_a_checkpoint_then_resume_finishes(
            f"`launch down {record.id}` stops it" in out
     assert launcher.records()[0].status == "running"  # the record says what is still running
     step_then = runner_step(record.remote_dir)
-    time.sleep(1)
-    assert runner_step(record.remote_dir) > step_then  # and it is: the job did not notice Ctrl-C
+    # And it is: the job did not notice Ctrl-C and takes its next step (~0.1 s each on an idle
+    # 2-core machine; up to seconds when other jobs share the cores, hence a deadline, not a sleep).
+    deadline = time.monotonic() + 60
+    while runner_step(record.remote_dir) <= step_then and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert runner_step(record.remote_dir) > step_then
 
     down = launcher.run("down", record.id)
     assert down.returncode == 0, output_of(down)

@@ -57,11 +57,10 @@ def test_the_task_pins_skypilot_to_the_planned_offer():
 
 def test_a_spot_offer_and_several_nodes():
     offer = plan_choice_for_a10g(spot=True)
-    task = build_task(sky, offer, workdir="/work", watchdog_idle_s=60, disk_gb=200, image_id="docker:ubuntu:22.04",
-                      nodes=2)
+    task = build_task(sky, offer, workdir="/work", watchdog_idle_s=60, disk_gb=200, image_id=None, nodes=2)
     (resources,) = task.resources
     assert resources.use_spot is True and task.num_nodes == 2 and resources.disk_size == 200
-    assert resources.extract_docker_image() == "ubuntu:22.04"
+    assert task.envs["QLORA_WORKDIR"] == "/work"
     assert task_cost(task) == pytest.approx(offer.usd_per_hour, abs=1e-9)
 
 
@@ -98,9 +97,11 @@ def test_cluster_names_are_valid_for_skypilot_and_keep_the_run_apart(run_id):
     assert name.endswith(run_id.rsplit("-", 1)[1]) and "20261202-051900" in name
 
 
-def test_settings_refuse_a_cloud_we_do_not_rent_on():
+def test_settings_refuse_a_cloud_we_do_not_rent_on_and_a_docker_image():
     with pytest.raises(ValueError, match="vast: not a cloud we rent on through SkyPilot"):
         SkySettings(clouds=["aws", "vast"])
+    with pytest.raises(ValueError, match="docker images are not supported"):
+        SkySettings(image_id="docker:nvcr.io/nvidia/pytorch:24.01-py3")
 
 
 # ---- the keep-alive job, run for real --------------------------------------------------------------

@@ -120,3 +120,13 @@ def test_the_on_start_fits_vast_and_carries_no_secret(monkeypatch):
     command = onstart_command(VastSettings(watchdog_idle_minutes=5), "~/qlora-launch")
     assert len(command) <= 4048 and "secret-account-key" not in command
     assert "QLORA_WATCHDOG_IDLE_S=300" in command and "watchdog.py" in command
+
+
+def test_the_on_start_fits_vasts_limit_with_the_venv_prebuild_and_a_watchdog_that_compiles():
+    from launcher.providers.vast import ONSTART_LIMIT, WATCHDOG, compact_python
+
+    command = onstart_command(VastSettings(), "~/qlora-launch")
+    assert len(command) <= ONSTART_LIMIT and "bootstrap.sh" in command  # the prebuild was not dropped to fit
+    compact = compact_python(WATCHDOG.read_text())
+    compile(compact, "idle_watchdog.py", "exec")
+    assert '"""' not in compact and "def busy" in compact and len(compact) < len(WATCHDOG.read_text())
