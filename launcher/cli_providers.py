@@ -20,11 +20,11 @@ from launcher import job
 from launcher.errors import EXIT_ENVIRONMENT, EXIT_TARGET
 from launcher.providers import PROVIDERS, provider_named, sweepable
 from launcher.providers.base import LabelledMachine, ProviderError, Sweepable, availability
+from launcher.remote import USER_SSH_KEYS
 from launcher.runs import RunStore, state_dir
 
 TOOLS = (("ssh", "openssh-client", "reaches SSH boxes and rented machines"),
          ("rsync", "rsync", "moves data, checkpoints and results"))
-SSH_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_rsa")
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,10 @@ def laptop_checks() -> list[CheckLine]:
         path = shutil.which(tool)
         lines.append(CheckLine(tool, path is not None, f"{path} ({why})" if path else f"not installed ({why})",
                                None if path else f"apt install {package} (macOS: brew install {tool})"))
-    key = next((Path(k).expanduser() for k in SSH_KEYS if Path(f"{k}.pub").expanduser().is_file()), None)
+    key = next((Path(k).expanduser() for k in USER_SSH_KEYS if Path(f"{k}.pub").expanduser().is_file()), None)
     made = state_dir() / "keys"
     lines.append(CheckLine("ssh key", True, f"{key} (its .pub goes on rented machines)" if key else
-                           f"none in {', '.join(SSH_KEYS)}: one is made in {made} when a machine is first rented"))
+                           f"none in {', '.join(USER_SSH_KEYS)}: one is made in {made} when a machine is first rented"))
     return lines
 
 

@@ -30,6 +30,9 @@ from typing import Any, Callable, Iterator, Optional
 from urllib.parse import urlsplit
 
 SSH_CONNECT_TIMEOUT_S = 10
+# The user's own SSH keys a rented machine gets (the public half), in the order they are tried;
+# without one, a key is made for the launcher in the state directory (providers/vast.launcher_key).
+USER_SSH_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_rsa")
 
 
 class RemoteError(Exception):

@@ -37,7 +37,7 @@ from launcher.providers.base import (
 from launcher.providers.vast_api import (
     KEY_FILES, VastAPI, VastAuthError, VastBadReply, VastError, VastRateLimited, VastServerError, api_key_source,
 )
-from launcher.remote import Machine, SSHAddress, SSHMachine, SSHOptions, Unreachable
+from launcher.remote import USER_SSH_KEYS, Machine, SSHAddress, SSHMachine, SSHOptions, Unreachable
 from launcher.runs import state_dir
 
 WATCHDOG = CLUSTER_TEMPLATES / "idle_watchdog.py"  # with QLORA_WATCHDOG_ON_IDLE=stop-vast (its default)
@@ -408,8 +408,7 @@ def ssh_options(spec: MachineSpec, identity: Path) -> SSHOptions:
 def launcher_key(identity: Optional[Path]) -> tuple[Path, str]:
     """(private key, public key text): the one given, else the user's own, else one made for the
     launcher in the state directory."""
-    candidates = [identity] if identity else [Path("~/.ssh/id_ed25519").expanduser(),
-                                             Path("~/.ssh/id_rsa").expanduser()]
+    candidates = [identity] if identity else [Path(key).expanduser() for key in USER_SSH_KEYS]
     for private in candidates:
         public = Path(f"{private}.pub")
         if private.is_file() and public.is_file():
