@@ -80,14 +80,20 @@ def region_rows(cloud: str, folder: Path) -> list[CatalogRow]:
 def offers(cloud: str, folder: Path) -> list[Offer]:
     """The cloud's GPU offers: each instance type and region once on demand, and once as spot
     where it is sold so."""
-    out = []
-    for row in region_rows(cloud, folder):
-        for price, spot in ((row.usd_per_hour, False), (row.spot_usd_per_hour, True)):
-            if price:
-                out.append(Offer(provider=cloud, region=row.region, gpu=row.gpu_name, gpu_count=row.gpu_count,
-                                 vram_gb=row.vram_gb_per_gpu, usd_per_hour=price, interruptible=spot,
-                                 instance_type=row.instance_type))
-    return out
+    return [offer for row in region_rows(cloud, folder) for offer in market_offers(
+        cloud, row.region, row.instance_type, row.gpu_name, row.gpu_count, row.vram_gb_per_gpu,
+        row.usd_per_hour, row.spot_usd_per_hour)]
+
+
+def market_offers(cloud: str, region: Optional[str], instance_type: str, gpu: str, gpu_count: int,
+                  vram_gb: Optional[float], usd_per_hour: Optional[float],
+                  spot_usd_per_hour: Optional[float]) -> list[Offer]:
+    """One machine of a price list as offers: once on demand, once as spot, each where it is sold
+    so (a price that is missing, zero or NaN is not)."""
+    return [Offer(provider=cloud, region=region, gpu=gpu, gpu_count=gpu_count, vram_gb=vram_gb,
+                  usd_per_hour=float(price), interruptible=spot, instance_type=instance_type)
+            for price, spot in ((usd_per_hour, False), (spot_usd_per_hour, True))
+            if price and price == price and price > 0]
 
 
 def _lowest(a: Optional[float], b: Optional[float]) -> Optional[float]:

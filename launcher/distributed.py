@@ -31,9 +31,11 @@ from typing import Any
 
 from launcher.paths import RUNNER_FILE
 
-# The file a node's setup writes (SkyPilot's run section: `env | grep ^SKYPILOT_ | sed 's/^/export /'`
-# quoted), read by the command at run time: the node's rank and the head's address exist only there.
-NODE_ENV_FILE = "~/qlora-launch/.node.env"
+# The file in the workdir where a node's SkyPilot job (cluster_templates/sky_task.yaml, which spells
+# the same name) writes SkyPilot's node variables as `export` lines; the command reads it at run
+# time: the node's rank and the head's address exist only there.
+NODE_ENV_NAME = ".node.env"
+NODE_ENV_FILE = f"~/qlora-launch/{NODE_ENV_NAME}"
 # Keep below job.STOP_GRACE_S (120 s): the launcher's SIGKILL after its grace reaches only the
 # accelerate parent, whose ranks live in sessions of their own, so the agent must end them first.
 RANK_SHUTDOWN_TIMEOUT_S = 100

@@ -144,7 +144,7 @@ def constraints_for(resources: Any) -> ranking.Constraints:
 
 def multi_node_markets() -> frozenset[str]:
     """The markets where several machines can be rented to train together (SkyPilot's clouds but RunPod)."""
-    return frozenset(m for cls in PROVIDERS.values() for m in (cls.name, *cls.markets) if cls.spans_nodes(m))
+    return frozenset(m for name, cls in PROVIDERS.items() for m in markets_of(name) if cls.spans_nodes(m))
 
 
 def live_need(need: ranking.JobNeed, constraints: ranking.Constraints) -> Need:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from launcher import sync
 from launcher.config import LaunchConfig
-from launcher.distributed import Topology, runner_command, runner_environment
+from launcher.distributed import NODE_ENV_NAME, Topology, runner_command, runner_environment
 from launcher.errors import EXIT_ENVIRONMENT
 from launcher.paths import CLUSTER_TEMPLATES, RUNNER_FILE, RUNNER_REQUIREMENTS, runner_module
 from launcher.remote import Machine, RemoteError
@@ -168,7 +168,7 @@ class ShellWorkspace(Workspace):
         env = {"PYTHONUNBUFFERED": "1", **runner_environment(topology)}
         # `export` first: a multi-node command line starts by reading the node's file (`. file && ...`).
         command = (f"export {' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items())}; "
-                   + runner_command(python, args, topology, node_env_file=f"{self.workdir}/.node.env"))
+                   + runner_command(python, args, topology, node_env_file=f"{self.workdir}/{NODE_ENV_NAME}"))
         return self.machine.start(command, cwd=self.folder, exit_code_file=EXIT_CODE_FILE)
 
     def look(self, job: Optional[int]) -> Look:

@@ -179,16 +179,9 @@ def sky_catalog_offers(cloud: str) -> list[Offer]:
     from sky import catalog as sky_catalog
 
     listed = sky_catalog.list_accelerators(gpus_only=True, clouds=cloud, all_regions=True, require_price=True)
-    out = []
-    for infos in listed.values():
-        for info in infos:
-            for price, spot in ((info.price, False), (info.spot_price, True)):
-                if price and price == price and price > 0:  # NaN: not sold so
-                    out.append(Offer(provider=cloud, region=info.region, gpu=info.accelerator_name,
-                                     gpu_count=int(info.accelerator_count), vram_gb=_gb(info.device_memory),
-                                     usd_per_hour=float(price), interruptible=spot,
-                                     instance_type=info.instance_type))
-    return out
+    return [offer for infos in listed.values() for info in infos for offer in catalog.market_offers(
+        cloud, info.region, info.instance_type, info.accelerator_name, int(info.accelerator_count),
+        _gb(info.device_memory), info.price, info.spot_price)]
 
 
 def _gb(value: Any) -> Optional[float]:
