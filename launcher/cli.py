@@ -32,7 +32,7 @@ from launcher.config import ConfigError, LaunchConfig, load as load_config
 from launcher.paths import DEFAULT_CONFIG, find_config
 from launcher.planning import ANY_GPU
 from launcher.preflight import (
-    PreflightReport, check_data, check_model, check_target, check_tools, needed_disk_gb,
+    PreflightReport, check_data, check_model, check_storage, check_target, check_tools, needed_disk_gb,
 )
 from launcher.cli_plan import (
     add_market_arguments, add_plan_arguments, cmd_plan, market_overrides, plan_rental, render_offers,
@@ -259,6 +259,7 @@ def preflight(config: LaunchConfig, session: job.Session, report: Optional[Prefl
         check_tools(report, needs_ssh=not (session.machine is not None and session.machine.is_this_machine))
         check_data(report, config)
     check_model(report, config)
+    check_storage(report, config)
     if not report.errors and session.machine is not None:  # touch the target only when all is right here
         workdir = config.resources.workdir or session.provider.default_workdir()
         need = needed_disk_gb(config, assets_bytes(local_assets(config)), has_python=bool(config.resources.python)

@@ -130,7 +130,7 @@ def _usd(usd: float) -> str:
 
 
 # The columns of `launch runs` a narrow terminal gives up first (the id, status and steps stay).
-DROPPED_FIRST = ("GPU", "target", "$", "elapsed")
+DROPPED_FIRST = ("GPU", "target", "checkpoint", "$", "elapsed")
 FOLDED_MIN = 8  # a folding column (target, GPU) narrower than this is dropped instead
 
 
@@ -145,6 +145,7 @@ def cmd_runs(args: argparse.Namespace, store: RunStore, console: Console, errors
         "id": [r.id for r in records], "status": [r.status for r in records],
         "target": [r.target or "-" for r in records], "GPU": [r.gpu or "-" for r in records],
         "steps": [f"{r.step or 0}/{r.total_steps or '?'}" for r in records],
+        "checkpoint": [newest_checkpoint(r) for r in records],
         "elapsed": [_duration(r.runner_seconds()) for r in records],
         "$": [f"{run_usd(store, r):.2f}" for r in records],
     }
@@ -165,6 +166,19 @@ def cmd_runs(args: argparse.Namespace, store: RunStore, console: Console, errors
     return 0
 
 
+def newest_checkpoint(record: RunRecord) -> str:
+    """Where the run's newest checkpoint lives, as the record knows it: `40 here`, `60 store`
+    (the store's is newer than what was pulled), `40 here+store`, or `-`."""
+    here, stored = record.pulled_step, record.stored_step
+    if here is None and stored is None:
+        return "-"
+    if stored is None or (here is not None and here > stored):
+        return f"{here} here"
+    if here == stored:
+        return f"{here} here+store"
+    return f"{stored} store"
+
+
 def fit_columns(columns: dict[str, list[str]], width: int) -> Optional[list[str]]:
     """The columns that fit in `width` with the id whole: empty columns (all '-') go first,
     then DROPPED_FIRST in order; None when the id alone does not fit."""
@@ -172,9 +186,10 @@ def fit_columns(columns: dict[str, list[str]], width: int) -> Optional[list[str]
         widest = max([len(name), *map(len, columns[name])])
         return (min(widest, FOLDED_MIN) if name in ("target", "GPU") else widest) + 3  # padding and a border
 
-    empty = [n for n in DROPPED_FIRST if columns[n] and all(cell == "-" for cell in columns[n])]
+    droppable = [n for n in DROPPED_FIRST if n in columns]
+    empty = [n for n in droppable if columns[n] and all(cell == "-" for cell in columns[n])]
     shown = list(columns)
-    for name in [*empty, *(n for n in DROPPED_FIRST if n not in empty), "steps", "status"]:
+    for name in [*empty, *(n for n in droppable if n not in empty), "steps", "status"]:
         if sum(map(needed, shown)) + 1 <= width:
             return shown
         shown.remove(name)
@@ -200,6 +215,7 @@ def cmd_status(args: argparse.Namespace, store: RunStore, console: Console, erro
     if session.holds_rented_machine and session.machine is not None:
         # Is it still billing? The provider's word, whatever the run's record says.
         live["machine_state"] = session.provider.state(session.machine)
+    live.update(look_in_store(session))
     from launcher.renting import machines_json, run_usd, spent
 
     machines = machines_json(store, session.record.id)
@@ -209,6 +225,20 @@ def cmd_status(args: argparse.Namespace, store: RunStore, console: Console, erro
         return 0
     render_status(console, session.record, live, machines, run_usd(store, session.record))
     return 0
+
+
+def look_in_store(session: job.Session) -> dict[str, Any]:
+    """The run's checkpoints in its store, asked now (quick: a store that does not answer is said, not waited for)."""
+    config = session.config
+    if config is None or not config.storage.enabled:
+        return {}
+    from launcher import storage
+
+    try:
+        found = storage.RunInStore(config.storage, session.record.id, quick=True)
+        return {"store": found.url, "checkpoints_in_store": found.complete_steps()}
+    except storage.StorageProblem as e:
+        return {"store_unreachable": str(e)}
 
 
 def render_status(console: Console, record: RunRecord, live: dict[str, Any], machines: list[dict[str, Any]],
@@ -228,6 +258,7 @@ def render_status(console: Console, record: RunRecord, live: dict[str, Any], mac
         base = evaluation.get("base_test_loss")
         rows.append(("test loss", f"{evaluation['test_loss']:.4f}"
                      + (f" (the base model: {base:.4f})" if base is not None else "")))
+    rows.append(("checkpoint", _checkpoint_text(record, live)))
     rows.append(("machine", f"{record.target or 'none rented yet'}, GPU: {record.gpu or '-'}"
                  + (f"; the provider says: {escape(str(live['machine_state']))}" if "machine_state" in live else "")))
     for m in machines:
@@ -246,6 +277,24 @@ def render_status(console: Console, record: RunRecord, live: dict[str, Any], mac
     console.print(f"[bold]run {record.id}[/]", highlight=False)
     for name, value in rows:
         console.print(f"  [bold]{name:<17}[/]{value}", soft_wrap=True, highlight=False)
+
+
+def _checkpoint_text(record: RunRecord, live: dict[str, Any]) -> str:
+    """Where the newest checkpoints are: here, on the target, in the store."""
+    places = []
+    if record.pulled_step is not None:
+        places.append(f"checkpoint-{record.pulled_step} here")
+    if live.get("checkpoints_on_target"):
+        places.append(f"checkpoint-{live['checkpoints_on_target'][-1]} on the target")
+    if live.get("checkpoints_in_store"):
+        places.append(f"checkpoint-{live['checkpoints_in_store'][-1]} in {live['store']}")
+    elif "store" in live:
+        places.append(f"none yet in {live['store']}")
+    elif "store_unreachable" in live:
+        places.append(f"the store does not answer: {escape(live['store_unreachable'])}")
+    elif record.stored_step is not None:
+        places.append(f"checkpoint-{record.stored_step} in {record.store_url} (when last seen)")
+    return "; ".join(places) or "none yet"
 
 
 def _status_text(record: RunRecord, live: dict[str, Any]) -> str:

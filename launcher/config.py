@@ -1,8 +1,9 @@
 """The whole job YAML, validated before anything starts.
 
-The runner's sections (model, data, lora, train, eval) are validated by the runner's own
-dataclass schema, imported from runner/qlora_runner.py, so the launcher and the runner can never
-disagree about them. The launcher's sections (resources, storage) are pydantic models here.
+The runner's sections (model, data, lora, train, eval, and storage, since the runner uploads the
+checkpoints itself) are validated by the runner's own dataclass schema, imported from
+runner/qlora_runner.py, so the launcher and the runner can never disagree about them. The
+launcher's own section (resources) is a pydantic model here.
 Every error names the key path and the file: `job.yaml: train.lr: must be > 0, got -1`.
 Command-line flags override `resources` (the overrides are validated like the file)."""
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
@@ -61,26 +62,17 @@ def _resources_model() -> type[ResourcesBase]:
 Resources = _resources_model()
 
 
-class Storage(BaseModel):
-    """Where checkpoints end up. `local`: pulled into runs/<run-id>/ on this machine."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["local", "s3"] = "local"
-    keep_checkpoints: int = Field(3, ge=1)  # newest pulled checkpoints kept on this machine
-    bucket: Optional[str] = None
-    prefix: Optional[str] = None
-    endpoint_url: Optional[str] = None
-    region: Optional[str] = None
-
-
 @dataclass(frozen=True)
 class LaunchConfig:
     path: Path  # the YAML file, absolute
     raw: dict[str, Any]  # the file as read, with the overrides applied: what travels to the target
     job: Any  # the runner's JobConfig
     resources: Any  # Resources (built from the provider registry)
-    storage: Storage
+
+    @property
+    def storage(self) -> Any:
+        """The runner's StorageSection: the runner reads it too (it uploads the checkpoints)."""
+        return self.job.storage
 
     @property
     def base_dir(self) -> Path:
@@ -106,10 +98,7 @@ def load(path: Path, overrides: Optional[dict[str, Any]] = None) -> LaunchConfig
     resources_raw = {**resources_raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     raw = {**raw, "resources": resources_raw}
     resources = _validate(Resources, resources_raw, "resources", path, overrides)
-    storage = _validate(Storage, raw.get("storage") or {}, "storage", path, None)
-    if storage.kind == "s3":
-        raise ConfigError(f"{path}: storage.kind: s3 is not supported yet; use kind: local")
-    return LaunchConfig(path=path, raw=raw, job=job, resources=resources, storage=storage)
+    return LaunchConfig(path=path, raw=raw, job=job, resources=resources)
 
 
 def _validate(model: type[BaseModel], data: Any, section: str, path: Path, overrides: Optional[dict]) -> Any:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 
 import yaml
 
-from launcher import planning, renting, sync
+from launcher import planning, renting, storage, sync
 from launcher.checkpoints import LocalCheckpoints
 from launcher.config import LaunchConfig, load as load_config
 from launcher.errors import EXIT_TARGET, EXIT_USAGE
@@ -39,6 +39,7 @@ from launcher.providers.base import (
     LOST_STATES, Machine, MachineSpec, Need, Offer, Provider, ProviderError, Restartable,
 )
 from launcher.runs import RESUMABLE, RunRecord, RunStore, state_dir
+from launcher.paths import runner_module
 from launcher.workspace import Look, PrepareFailed, Workspace, WorkspaceError
 
 LOCAL_CONFIG = "job.local.yaml"  # the job as launched (overrides applied, local paths absolute)
@@ -350,7 +351,12 @@ def start_runner(session: Session, reporter: Reporter, *, resume: bool) -> None:
     session.ws.upload(config)
     if resume:
         push_checkpoint_if_lost(session, reporter)
-    job = session.ws.start(python, resume=resume, topology=topology_for(config.resources))
+    try:
+        # The run's name in the store, and the store's keys: the runner's environment only.
+        env = {runner_module().RUN_ID_ENV: session.record.id, **storage.runner_environment(config)}
+    except storage.StorageProblem as e:
+        raise JobError(str(e), e.exit_code) from None
+    job = session.ws.start(python, resume=resume, topology=topology_for(config.resources), env=env)
     session.update(status="running", pid=job, python=python, started_at=time.time(), exit_code=None, error=None,
                    ended_at=None)
     reporter.started(session.record)
@@ -407,6 +413,7 @@ def follow_run(session: Session, reporter: Reporter) -> Outcome:
         state["total"] = seen.status.get("total_steps") or state["total"]
         if seen.status.get("step") is not None and seen.status.get("step") != session.record.step:
             session.update(step=seen.status.get("step"), total_steps=state["total"])
+        note_stored(session, seen.status)
         pull_new_checkpoints(session, seen.complete_steps, reporter)
         if not seen.running:
             if seen.exit_code != 0:
@@ -509,13 +516,42 @@ def pull_new_checkpoints(session: Session, remote_steps: list[int], reporter: Re
     local.prune(session.config.storage.keep_checkpoints if session.config else 3)
 
 
+def note_stored(session: Session, status: dict[str, Any]) -> None:
+    """The runner's word on its newest checkpoint in the store, kept in the run record."""
+    stored = status.get("stored_step")
+    if isinstance(stored, int) and stored != session.record.stored_step:
+        session.update(stored_step=stored, store_url=status.get("store") or session.record.store_url)
+
+
+def stored_steps(session: Session, reporter: Reporter) -> list[int]:
+    """The run's complete checkpoints in its store ([] without one, or when it cannot be read:
+    said, and then this machine's copies are what is used)."""
+    config = session.config
+    if config is None or not config.storage.enabled:
+        return []
+    try:
+        found = storage.RunInStore(config.storage, session.record.id)
+        steps = found.complete_steps()
+    except storage.StorageProblem as e:
+        reporter.warn(str(e))
+        return []
+    if steps and steps[-1] != session.record.stored_step:
+        session.update(stored_step=steps[-1], store_url=found.url)
+    return steps
+
+
 def push_checkpoint_if_lost(session: Session, reporter: Reporter) -> None:
     """Before a resume: if the target lacks our newest complete checkpoint (a new or wiped
     machine), put it back, with the run's history (the runner cuts metrics.jsonl at the
-    checkpoint's step and appends, and reuses the cached base-model evaluation)."""
+    checkpoint's step and appends, and reuses the cached base-model evaluation). A store holding
+    one as new: the runner downloads that itself, from wherever it runs."""
     remote = look(session).complete_steps
     local = LocalCheckpoints(session.run_dir)
     if not local.steps() or (remote and max(remote) >= local.newest()):
+        return
+    stored = stored_steps(session, reporter)
+    if stored and stored[-1] >= local.newest():
+        reporter.phase(f"the runner resumes from checkpoint-{stored[-1]} in {session.record.store_url}")
         return
     step = local.newest()
     reporter.phase(f"pushing checkpoint-{step} back to the target")
@@ -617,17 +653,51 @@ def resume(session: Session, reporter: Reporter) -> Outcome:
 
 def pull(session: Session, reporter: Reporter) -> list[int]:
     """Fetch new checkpoints, metrics, logs and (when there) the adapter now; returns the
-    checkpoint steps held here afterwards."""
+    checkpoint steps held here afterwards. A machine that is gone or does not answer: from the
+    run's store, when it has one."""
     lost = check_rented(session, reporter)
     if lost:
+        if pull_from_store(session, reporter):
+            return LocalCheckpoints(session.run_dir).steps()
         raise JobError(f"{session.record.target} is {lost}: nothing more can be pulled from it; what was pulled "
                        f"is in {session.run_dir} (`launch resume {session.record.id}` continues the run)", EXIT_TARGET)
     if session.workspace is None:
+        pull_from_store(session, reporter)
         return LocalCheckpoints(session.run_dir).steps()
-    seen = _look_or_fail(session)
+    try:
+        seen = look(session)
+    except WorkspaceError as e:
+        if not pull_from_store(session, reporter, because=f"{session.record.target} does not answer ({e})"):
+            raise JobError(f"{e}; the run record keeps the run: try again when the target answers",
+                           EXIT_TARGET) from None
+        return LocalCheckpoints(session.run_dir).steps()
     pull_new_checkpoints(session, seen.complete_steps, reporter)
     session.ws.fetch_results(session.run_dir)
     return LocalCheckpoints(session.run_dir).steps()
+
+
+def pull_from_store(session: Session, reporter: Reporter, because: str = "") -> bool:
+    """The newest complete checkpoint in the run's store (checked against its manifest) and the
+    run's files there (adapter, eval, samples, metrics, status); False when it has no store."""
+    config = session.config
+    if config is None or not config.storage.enabled:
+        return False
+    try:
+        found = storage.RunInStore(config.storage, session.record.id)
+        reporter.phase(f"pulling from {found.url}" + (f": {because}" if because else ""))
+        steps = found.complete_steps()
+        local = LocalCheckpoints(session.run_dir)
+        if steps and steps[-1] > local.newest():
+            found.pull_checkpoint(steps[-1], local.folder)
+            session.update(pulled_step=steps[-1])
+            reporter.checkpoint_pulled(steps[-1], local.path(steps[-1]))
+        if steps:
+            session.update(stored_step=steps[-1], store_url=found.url)
+        found.pull_results(session.run_dir)
+    except storage.StorageProblem as e:
+        raise JobError(str(e), e.exit_code) from None
+    local.prune(config.storage.keep_checkpoints)
+    return True
 
 
 def down(session: Session, reporter: Reporter) -> RunRecord:

@@ -2,8 +2,9 @@
 
 Order: the tools we drive (ssh, rsync) -> the data (exists, parses with the runner's own readers,
 every example has its fields; examples counted, long ones warned about) -> the base model (a
-local folder has config.json and weights; a hub id answers, when online) -> the target (reachable
-with BatchMode key auth, enough free disk). Each failure is one line saying how to fix it; all of
+local folder has config.json and weights; a hub id answers, when online) -> the checkpoint store
+(keys here, the bucket writable and deletable with them) -> the target (reachable with BatchMode
+key auth, enough free disk). Each failure is one line saying how to fix it; all of
 them are reported at once, so a user fixes everything in one round."""
 
 from __future__ import annotations
@@ -193,6 +194,22 @@ def needed_disk_gb(config: LaunchConfig, assets_bytes: int, has_python: bool) ->
     _, model_is_local = qr.resolve_local(config.job.model.base, config.base_dir)
     need = assets_bytes / 1e9 * 1.1 + (0 if has_python else VENV_GB) + (0 if model_is_local else HUB_MODEL_GB_GUESS)
     return round(need + 1.0, 1)  # + checkpoints and logs
+
+
+def check_storage(report: PreflightReport, config: LaunchConfig) -> None:
+    """storage.kind s3: the keys are here, and the bucket answers, takes a write and a delete with them."""
+    if not config.storage.enabled:
+        return
+    from launcher import storage
+
+    try:
+        _, warnings = storage.check(config.storage)
+    except storage.StorageProblem as e:
+        report.add("error", "storage", str(e), e.exit_code)
+        return
+    for warning in warnings:
+        report.add("warning", "storage", warning)
+    report.add("ok", "storage", f"s3://{config.storage.bucket}/{config.storage.prefix.strip('/')}/ is writable")
 
 
 def check_target(report: PreflightReport, machine: Machine, workdir: str, need_gb: float, needs_gpu: bool) -> None:

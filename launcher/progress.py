@@ -60,6 +60,9 @@ class RichReporter:
             self.fields["eval"] = f"{event['eval_loss']:.4f}"
         if self.quiet:
             return
+        if kind == "stored":  # the runner uploaded a checkpoint to the run's store
+            self.console.print(f"[dim]•[/] checkpoint-{step} is in the store", highlight=False)
+            return
         if self.progress is not None:
             self.progress.update(self.task, completed=step or 0, total=total_steps, **self.fields)
             return

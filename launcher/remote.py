@@ -26,13 +26,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 from urllib.parse import urlsplit
 
 SSH_CONNECT_TIMEOUT_S = 10
 # The user's own SSH keys a rented machine gets (the public half), in the order they are tried;
 # without one, a key is made for the launcher in the state directory (providers/vast.launcher_key).
 USER_SSH_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_rsa")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class RemoteError(Exception):
@@ -161,17 +162,25 @@ class Machine:
         return stats
 
     def start(self, command: str, *, cwd: str, exit_code_file: str = "exit_code",
-              output_file: str = "console.log") -> int:
+              output_file: str = "console.log", env: Optional[Mapping[str, str]] = None) -> int:
         """Start `command` in `cwd`, detached from us: its own session (setsid), immune to the
         hang-up of the SSH session (nohup), stdio to `output_file`. When it ends, its exit status
         is written atomically to `exit_code_file`. Returns the pid of the wrapper shell, whose
-        children are the job (see `signal_job`)."""
+        children are the job (see `signal_job`). `env` (secrets: a store's keys) reaches the job's
+        environment through the command's stdin, never a command line or a file."""
         wrapper = (f"{command}; echo $? > {exit_code_file}.tmp && mv {exit_code_file}.tmp {exit_code_file}")
+        env = dict(env or {})
+        for name, value in env.items():
+            if not ENV_NAME.match(name) or "\n" in value:
+                raise ValueError(f"cannot pass {name!r} to the job: a variable name, and a value of one line")
+        # The shell reads NAME=value lines from stdin and exports them; the job inherits them.
+        exports = "while IFS= read -r kv; do export \"$kv\"; done; " if env else ""
         # Only the setsid'd wrapper goes to the background, with all of its stdio redirected: a
         # backgrounded list would keep the SSH channel open until the job ends.
-        line = (f"cd {shlex.quote(cwd)} && rm -f {exit_code_file} && "
+        line = (f"cd {shlex.quote(cwd)} && rm -f {exit_code_file} && {exports}"
                 f"{{ setsid nohup sh -c {shlex.quote(wrapper)} > {output_file} 2>&1 < /dev/null & echo $!; }}")
-        pid = self.run(line, timeout=60).stdout.strip().splitlines()[-1]
+        stdin = "".join(f"{name}={value}\n" for name, value in env.items()) if env else None
+        pid = self.run(line, timeout=60, input_text=stdin).stdout.strip().splitlines()[-1]
         return int(pid)
 
     def is_alive(self, pid: int) -> bool:

@@ -52,6 +52,8 @@ class RunRecord:
     started_at: Optional[float] = None  # when the runner was (last) started; None while it is not running
     elapsed_s: float = 0.0  # runner time of the finished segments (a resumed run has several)
     pulled_step: Optional[int] = None  # newest checkpoint pulled to this machine
+    stored_step: Optional[int] = None  # newest checkpoint the runner reported in the store (storage.kind: s3)
+    store_url: Optional[str] = None  # the run's folder in the store, s3://bucket/prefix/<run-id>/
     model: Optional[str] = None  # model.base, for calibrating later estimates
     tokens_per_s: Optional[float] = None  # measured: the median of the run's training steps
     # The shape that speed was measured at (a step's fixed costs make tokens/s depend on it):

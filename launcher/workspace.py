@@ -20,7 +20,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from launcher import sync
 from launcher.config import LaunchConfig
@@ -74,9 +74,11 @@ class Workspace(ABC):
         """Put the job there: its local assets (once per content), the job config, the runner."""
 
     @abstractmethod
-    def start(self, python: str, *, resume: bool, topology: Topology = Topology()) -> int:
+    def start(self, python: str, *, resume: bool, topology: Topology = Topology(),
+              env: Optional[Mapping[str, str]] = None) -> int:
         """Start the runner detached (fresh, or `--resume auto`), with one rank per GPU of
-        `topology` (launcher/distributed.py); the job's id for look/stop."""
+        `topology` (launcher/distributed.py); the job's id for look/stop. `env`: variables for the
+        runner's environment only (the store's keys): never on a command line, in a file or a log."""
 
     @abstractmethod
     def look(self, job: Optional[int]) -> Look:
@@ -163,13 +165,14 @@ class ShellWorkspace(Workspace):
 
     # ---- run --------------------------------------------------------------------------------
 
-    def start(self, python: str, *, resume: bool, topology: Topology = Topology()) -> int:
+    def start(self, python: str, *, resume: bool, topology: Topology = Topology(),
+              env: Optional[Mapping[str, str]] = None) -> int:
         args = ["--config", REMOTE_CONFIG, "--out", ".", *(["--resume", "auto"] if resume else [])]
-        env = {"PYTHONUNBUFFERED": "1", **runner_environment(topology)}
+        settings = {"PYTHONUNBUFFERED": "1", **runner_environment(topology)}  # not secret: on the command line
         # `export` first: a multi-node command line starts by reading the node's file (`. file && ...`).
-        command = (f"export {' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items())}; "
+        command = (f"export {' '.join(f'{k}={shlex.quote(v)}' for k, v in settings.items())}; "
                    + runner_command(python, args, topology, node_env_file=f"{self.workdir}/{NODE_ENV_NAME}"))
-        return self.machine.start(command, cwd=self.folder, exit_code_file=EXIT_CODE_FILE)
+        return self.machine.start(command, cwd=self.folder, exit_code_file=EXIT_CODE_FILE, env=env)
 
     def look(self, job: Optional[int]) -> Look:
         d = shlex.quote(self.folder)

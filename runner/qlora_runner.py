@@ -65,6 +65,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 import typing
@@ -283,6 +284,62 @@ class EvalSection:
             _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
 
+S3_KEY_ENV = "QLORA_S3_ACCESS_KEY_ID"  # the store's keys reach the runner in these variables only
+S3_SECRET_ENV = "QLORA_S3_SECRET_ACCESS_KEY"
+S3_TOKEN_ENV = "QLORA_S3_SESSION_TOKEN"
+RUN_ID_ENV = "QLORA_RUN_ID"  # the run's name in the store; default: the name of --out
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3's rule, which R2, B2 and MinIO share
+
+
+@dataclass
+class StorageSection:
+    """Where checkpoints live besides the target. `local`: pulled to the laptop only. `s3`: also in
+    an S3-compatible bucket (AWS S3, Cloudflare R2, Backblaze B2, MinIO), under
+    s3://bucket/prefix/<run>/, uploaded by the runner itself, so they outlive the machine and the laptop.
+    The launcher reads the credential keys (profile, *_env) on the laptop; the runner gets the keys
+    in its environment (S3_KEY_ENV...), or uses boto3's own chain when they are not set."""
+
+    kind: Literal["local", "s3"] = "local"
+    keep_checkpoints: int = 3  # newest checkpoints pulled and kept on the laptop
+    bucket: Optional[str] = None
+    prefix: str = "qlora-launch"
+    endpoint_url: Optional[str] = None  # R2, B2, MinIO...; unset: AWS S3
+    region: Optional[str] = None
+    keep: int = 3  # newest complete checkpoints kept in the store
+    profile: Optional[str] = None  # the laptop's AWS profile to take the keys from (default: AWS's own chain)
+    access_key_env: Optional[str] = None  # or the names of the laptop's variables holding the store's own keys
+    secret_key_env: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        _require(self.keep >= 1, "keep", f"must be >= 1, got {self.keep}")
+        if self.kind == "local":
+            return
+        _require(bool(self.bucket), "bucket", "must be set for kind: s3 (the bucket's name, e.g. my-checkpoints)")
+        _require(bool(BUCKET_RE.match(self.bucket or "")), "bucket",
+                 f"{self.bucket!r} is not a bucket name: 3-63 lowercase letters, digits, dots and hyphens "
+                 "(a name, not an s3:// URL)")
+        _require(self.prefix.strip("/") != "" and "//" not in self.prefix, "prefix",
+                 f"must be a non-empty key prefix without '//', got {self.prefix!r}")
+        if self.endpoint_url is not None:
+            _require(self.endpoint_url.startswith(("http://", "https://")), "endpoint_url",
+                     f"must start with https:// (or http://), got {self.endpoint_url!r}")
+        _require((self.access_key_env is None) == (self.secret_key_env is None), "access_key_env",
+                 "set both access_key_env and secret_key_env, or neither (then the AWS chain or `profile` is used)")
+        for name in ("access_key_env", "secret_key_env"):
+            value = getattr(self, name)
+            _require(value is None or bool(ENV_NAME_RE.match(value)), name,
+                     "must be the NAME of an environment variable holding the key (e.g. R2_ACCESS_KEY_ID), "
+                     "never the key itself")
+        _require(self.profile is None or self.access_key_env is None, "profile",
+                 "set either profile or access_key_env/secret_key_env, not both")
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind == "s3"
+
+
 @dataclass
 class JobConfig:
     model: ModelSection
@@ -290,10 +347,10 @@ class JobConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
-    # The launcher's sections: the same file travels to the GPU machine, so the runner accepts
-    # them; the launcher validates them with its own schema.
+    # The launcher's section: the same file travels to the GPU machine, so the runner accepts it;
+    # the launcher validates it with its own schema.
     resources: Optional[dict] = None
-    storage: Optional[dict] = None
+    storage: StorageSection = field(default_factory=StorageSection)  # read here too: the runner uploads
 
 
 # The names other tools use for our keys (transformers' TrainingArguments, axolotl), so a user
@@ -493,15 +550,21 @@ class RunDir:
         self.eval_path = root / "eval.json"
         self.base_eval_path = root / "base_eval.json"  # kept so a resumed run need not redo it
         self.samples_path = root / "samples.jsonl"
+        self.outgoing = self.checkpoints / ".outgoing"  # checkpoints waiting for their upload to the store
         self._status: dict[str, Any] = {}
+        self._status_lock = threading.Lock()  # the store's uploader thread notes its progress too
         self.config: Optional[JobConfig] = None  # set once loaded, for error messages
 
-    def set_status(self, phase: str, **fields: Any) -> None:
+    def set_status(self, phase: Optional[str] = None, **fields: Any) -> None:
+        """Rewrite status.json with `fields` changed (and the phase, unless None: the same phase)."""
         if not self.writes:
             return
-        self._status.update(fields)
-        self._status.update(phase=phase, updated_at=time.time(), pid=os.getpid())
-        write_json_atomic(self.status_path, self._status)
+        with self._status_lock:
+            self._status.update(fields)
+            if phase is not None or "phase" not in self._status:
+                self._status["phase"] = phase or "loading"
+            self._status.update(updated_at=time.time(), pid=os.getpid())
+            write_json_atomic(self.status_path, self._status)
 
     def read_status(self) -> dict[str, Any]:
         try:
@@ -514,7 +577,7 @@ class RunDir:
             return
         record = {k: v for k, v in record.items() if v is not None}
         record.setdefault("time", time.time())
-        with self.metrics_path.open("a") as f:
+        with self._status_lock, self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def truncate_metrics_after(self, step: int) -> None:
@@ -647,6 +710,323 @@ def discard_partial_checkpoints(run: RunDir) -> None:
             if CHECKPOINT_RE.match(child.name) and not checkpoint_is_complete(child):
                 log(f"removing incomplete checkpoint {child.name} (no valid {MANIFEST})")
                 shutil.rmtree(child)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint store: S3-compatible, written by the runner itself (boto3 imported only here)
+# ---------------------------------------------------------------------------------------------
+
+STORE_HISTORY = ("metrics.jsonl", "base_eval.json")  # uploaded with each checkpoint, before its manifest
+STORE_RESULTS = ("eval.json", "samples.jsonl", "metrics.jsonl", "base_eval.json")  # and the adapter/, at the end
+STORE_STOP_FLUSH_S = 90.0  # after SIGTERM: time for the last checkpoint's upload (the launcher waits 120 s)
+STORE_DONE_FLUSH_S = 3600.0
+STORE_MANIFEST_KEY_RE = re.compile(r"checkpoints/checkpoint-(\d+)/" + re.escape(MANIFEST) + "$")
+STORE_CHECKPOINT_KEY_RE = re.compile(r"checkpoints/checkpoint-(\d+)/")
+
+
+class StoreError(RunnerError):
+    kind = "storage error"
+    exit_code = EXIT_ENVIRONMENT
+
+
+def s3_client(storage: StorageSection, env: Optional[dict[str, str]] = None, quick: bool = False) -> Any:
+    """A boto3 S3 client for the store: the keys in S3_KEY_ENV/S3_SECRET_ENV (what the launcher
+    passes), else boto3's own chain (AWS_* variables, ~/.aws, an instance role). Path-style
+    addressing with an endpoint (MinIO and most S3-compatible services need it). quick: short
+    timeouts and no retries, for a probe that must answer at once."""
+    env = os.environ if env is None else env
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise EnvironmentProblem("storage.kind is s3 but boto3 is not installed: pip install boto3") from None
+    keys = {}
+    if env.get(S3_KEY_ENV):
+        keys = {"aws_access_key_id": env[S3_KEY_ENV], "aws_secret_access_key": env.get(S3_SECRET_ENV, ""),
+                "aws_session_token": env.get(S3_TOKEN_ENV) or None}
+    config = Config(s3={"addressing_style": "path"} if storage.endpoint_url else {},
+                    retries={"max_attempts": 1 if quick else 4, "mode": "standard"},
+                    connect_timeout=5 if quick else 10, read_timeout=10 if quick else 120)
+    return boto3.client("s3", endpoint_url=storage.endpoint_url, region_name=storage.region, config=config, **keys)
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def store_error_text(e: BaseException) -> str:
+    """botocore's errors as one short line (its code and message when it has them)."""
+    error = getattr(e, "response", {}).get("Error", {}) if hasattr(e, "response") else {}
+    if error:
+        return f"{error.get('Code')}: {error.get('Message') or 'no message'}"
+    return f"{type(e).__name__}: {e}"
+
+
+class CheckpointStore:
+    """One run's folder in the bucket: s3://bucket/prefix/<run>/ with checkpoints/checkpoint-N/
+    (Trainer files, then MANIFEST: every file's size and sha256, put last and only if absent, so a
+    checkpoint without one is an unfinished upload and never read), metrics.jsonl, base_eval.json,
+    and at the end adapter/, eval.json, samples.jsonl, status.json."""
+
+    def __init__(self, storage: StorageSection, run_name: str, client: Any = None) -> None:
+        self.storage = storage
+        self.bucket = storage.bucket or ""
+        self.root = f"{storage.prefix.strip('/')}/{run_name}/"
+        self.client = client if client is not None else s3_client(storage)
+        self.conditional_put = True  # cleared once if the service refuses If-None-Match
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.root}"
+
+    def key(self, name: str) -> str:
+        return self.root + name
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def keys_under(self, under: str) -> list[str]:
+        """Every key under the run's `under` (a folder name ending in /)."""
+        keys = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.key(under)):
+            keys += [item["Key"] for item in page.get("Contents", [])]
+        return keys
+
+    def complete_steps(self) -> list[int]:
+        """Steps of the checkpoints whose manifest is in place, oldest first."""
+        steps = []
+        for key in self.keys_under("checkpoints/"):
+            match = STORE_MANIFEST_KEY_RE.search(key)
+            if match:
+                steps.append(int(match.group(1)))
+        return sorted(steps)
+
+    def manifest(self, step: int) -> dict[str, Any]:
+        body = self.client.get_object(Bucket=self.bucket, Key=self.key(f"checkpoints/checkpoint-{step}/{MANIFEST}"))
+        return json.loads(body["Body"].read())
+
+    def download_file(self, name: str, local: Path) -> bool:
+        """The run's file `name` into `local` (atomically); False when the store has none."""
+        from botocore.exceptions import ClientError
+
+        tmp = local.with_name(f".{local.name}.download")
+        try:
+            self.client.download_file(self.bucket, self.key(name), str(tmp))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                return False
+            raise
+        os.replace(tmp, local)
+        return True
+
+    def download_checkpoint(self, step: int, dest: Path) -> Path:
+        """checkpoint-<step> into `dest`, each file checked against the manifest's size and sha256;
+        the local manifest is written last, so an interrupted download is not a checkpoint."""
+        manifest = self.manifest(step)
+        staging = dest.parent / ".incoming" / dest.name
+        shutil.rmtree(staging, ignore_errors=True)
+        for name, size in manifest["files"].items():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.client.download_file(self.bucket, self.key(f"checkpoints/checkpoint-{step}/{name}"), str(target))
+            if target.stat().st_size != size or sha256_of(target) != manifest["sha256"][name]:
+                raise StoreError(f"{self.url}checkpoints/checkpoint-{step}/{name} does not match its manifest "
+                                 "(size or sha256); the store's copy is damaged: delete that checkpoint's manifest "
+                                 "to fall back to the one before")
+        write_json_atomic(staging / MANIFEST, manifest)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging, dest)
+        return dest
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def upload_file(self, local: Path, name: str) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        # The transfer manager: multipart (8 MiB parts, in parallel) for the large files.
+        self.client.upload_file(str(local), self.bucket, self.key(name), Config=TransferConfig(max_concurrency=4))
+
+    def upload_checkpoint(self, step: int, folder: Path, run: "RunDir") -> bool:
+        """Files first, then the run's history, then the manifest (only if absent). False when
+        the store already holds a complete checkpoint-<step>."""
+        if step in self.complete_steps():
+            return False
+        files, sums = {}, {}
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+            name = str(path.relative_to(folder))
+            files[name], sums[name] = path.stat().st_size, sha256_of(path)
+            self.upload_file(path, f"checkpoints/checkpoint-{step}/{name}")
+        for name in STORE_HISTORY:
+            if (run.root / name).is_file():
+                self.upload_file(run.root / name, name)
+        manifest = {"step": step, "files": files, "sha256": sums, "time": time.time()}
+        self._put_once(f"checkpoints/checkpoint-{step}/{MANIFEST}", json.dumps(manifest).encode())
+        return True
+
+    def _put_once(self, name: str, body: bytes) -> None:
+        from botocore.exceptions import ClientError
+
+        if self.conditional_put:
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=body, IfNoneMatch="*")
+                return
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return  # another writer completed it first: the checkpoint is complete either way
+                if code not in ("NotImplemented", "InvalidArgument", "501"):
+                    raise
+                log(f"storage: {self.bucket} does not take conditional writes ({code}); manifests are put plainly")
+                self.conditional_put = False
+        self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=body)
+
+    def rotate(self, keep: int) -> list[int]:
+        """Keep the newest `keep` complete checkpoints: an older one loses its manifest first (it
+        is then no longer complete), then its files; leftovers of unfinished uploads older than
+        the newest complete one go too. Returns the steps removed."""
+        by_step: dict[int, list[str]] = {}
+        complete = set()
+        for key in self.keys_under("checkpoints/"):
+            match = STORE_CHECKPOINT_KEY_RE.search(key)
+            if match:
+                by_step.setdefault(int(match.group(1)), []).append(key)
+                if STORE_MANIFEST_KEY_RE.search(key):
+                    complete.add(int(match.group(1)))
+        if not complete:
+            return []
+        kept = sorted(complete)[-keep:]
+        doomed = [step for step in sorted(by_step) if step < kept[0] or (step not in complete and step < kept[-1])]
+        for step in doomed:
+            if step in complete:
+                self.client.delete_object(Bucket=self.bucket, Key=self.key(f"checkpoints/checkpoint-{step}/{MANIFEST}"))
+            rest = [{"Key": k} for k in by_step[step] if not k.endswith("/" + MANIFEST)]
+            for i in range(0, len(rest), 1000):
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": rest[i:i + 1000], "Quiet": True})
+        return doomed
+
+    def upload_results(self, run: "RunDir") -> None:
+        """The adapter, eval.json, samples.jsonl, the history and status.json: a finished run, whole."""
+        if run.adapter.is_dir():
+            for path in sorted(p for p in run.adapter.rglob("*") if p.is_file()):
+                self.upload_file(path, f"adapter/{path.relative_to(run.adapter)}")
+        for name in STORE_RESULTS + ("status.json",):
+            if (run.root / name).is_file():
+                self.upload_file(run.root / name, name)
+
+
+def open_store(cfg: JobConfig, run: "RunDir") -> Optional[CheckpointStore]:
+    """The run's store when storage.kind is s3 (the run's name: $QLORA_RUN_ID, else DIR's name)."""
+    if not cfg.storage.enabled:
+        return None
+    return CheckpointStore(cfg.storage, os.environ.get(RUN_ID_ENV) or run.root.name)
+
+
+def fetch_from_store(store: CheckpointStore, run: "RunDir") -> Optional[int]:
+    """Before `--resume auto`: when the store holds a newer complete checkpoint than DIR (an empty
+    DIR: a new machine), download it with the run's history. The step taken, or None."""
+    try:
+        stored = store.complete_steps()
+        local = complete_checkpoints(run.checkpoints)
+        if not stored or (local and local[-1][0] >= stored[-1]):
+            return None
+        step = stored[-1]
+        log(f"storage: downloading checkpoint-{step} from {store.url}")
+        started = time.time()
+        store.download_checkpoint(step, run.checkpoints / f"checkpoint-{step}")
+        for name in STORE_HISTORY:
+            store.download_file(name, run.root / name)
+    except StoreError:
+        raise
+    except Exception as e:  # noqa: BLE001  (botocore's many errors: one line)
+        raise StoreError(f"cannot read {store.url} ({store_error_text(e)}); check storage.* and the credentials, "
+                         "or set storage.kind: local to resume from this machine's checkpoints only") from None
+    log(f"storage: checkpoint-{step} downloaded in {time.time() - started:.1f} s")
+    return step
+
+
+class StoreUploader:
+    """Uploads checkpoints in a thread of its own, in order, so a training step waits for no
+    upload: `submit` hard-links the sealed checkpoint into DIR/checkpoints/.outgoing/ (instant, and
+    the local rotation cannot delete it under the upload) and returns. A checkpoint with `keep`
+    newer ones already waiting is skipped: it would be rotated away on arrival. A failed upload is
+    logged and training goes on; the next checkpoint is tried as usual."""
+
+    def __init__(self, store: CheckpointStore, run: "RunDir", keep: int) -> None:
+        self.store, self.run, self.keep = store, run, keep
+        self.pending: list[tuple[int, Path]] = []
+        self.busy = False
+        self.failures = 0
+        self.cond = threading.Condition()
+        self.closed = False
+        shutil.rmtree(run.outgoing, ignore_errors=True)
+        self.thread = threading.Thread(target=self._work, name="store-uploader", daemon=True)
+        self.thread.start()
+
+    def submit(self, step: int, checkpoint: Path) -> None:
+        staged = self.run.outgoing / checkpoint.name
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(checkpoint, staged, copy_function=os.link)
+        with self.cond:
+            self.pending.append((step, staged))
+            while len(self.pending) > self.keep:
+                _, dropped = self.pending.pop(0)
+                shutil.rmtree(dropped, ignore_errors=True)
+            self.cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self.cond:
+                while not self.pending and not self.closed:
+                    self.cond.wait()
+                if not self.pending:
+                    return
+                step, staged = self.pending.pop(0)
+                self.busy = True
+            try:
+                started = time.time()
+                if self.store.upload_checkpoint(step, staged, self.run):
+                    removed = self.store.rotate(self.keep)
+                    gone = f"; removed checkpoint {', '.join(map(str, removed))} there" if removed else ""
+                    log(f"storage: checkpoint-{step} uploaded to {self.store.url} in {time.time() - started:.1f} s{gone}")
+                self.run.set_status(stored_step=step, store=self.store.url)
+                self.run.append_metric({"event": "stored", "step": step})
+            except Exception as e:  # noqa: BLE001  (the store is a copy: training goes on without it)
+                self.failures += 1
+                log(f"storage: uploading checkpoint-{step} failed ({store_error_text(e)}); training goes on, "
+                    "the next checkpoint is uploaded as usual")
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+                with self.cond:
+                    self.busy = False
+                    self.cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every submitted checkpoint is uploaded (or failed); False on the timeout."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.pending or self.busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(min(left, 1.0))
+        return True
+
+    def close(self, timeout: float) -> bool:
+        done = self.flush(timeout)
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        if not done:
+            waiting = [f"checkpoint-{step}" for step, _ in self.pending]
+            log(f"storage: stopped waiting for the upload after {timeout:.0f} s; not in the store: "
+                f"{', '.join(waiting) or 'the one being uploaded'}")
+        return done
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1202,6 +1582,25 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
+def fetch_before_ranks(runner_argv: list[str]) -> None:
+    """Data parallel with a store, `--resume auto`: this node's newer checkpoint from the store,
+    fetched once per node before its ranks start (each node has a disk of its own)."""
+    parser = argparse.ArgumentParser(add_help=False)  # the ranks check the command line; only read it here
+    for name in ("--config", "--out"):
+        parser.add_argument(name, type=Path)
+    parser.add_argument("--resume", default="never")
+    args, _ = parser.parse_known_args(runner_argv)
+    if args.resume != "auto" or args.config is None or args.out is None:
+        return
+    cfg = load_config(args.config)
+    run = RunDir(args.out.resolve())
+    store = open_store(cfg, run)
+    if store is not None:
+        run.root.mkdir(parents=True, exist_ok=True)
+        discard_partial_checkpoints(run)
+        fetch_from_store(store, run)
+
+
 def accelerate_launch(argv: list[str]) -> int:
     """`qlora_runner.py accelerate-launch ARGS`: `accelerate launch ARGS` in this process, exiting
     with the runner's codes. accelerate's own command exits 1 whatever happened: torch's elastic
@@ -1219,6 +1618,11 @@ def accelerate_launch(argv: list[str]) -> int:
               "pip install -r runner/requirements.txt", file=sys.stderr, flush=True)
         return EXIT_ENVIRONMENT
     args = launch_command_parser().parse_args(argv)
+    try:
+        fetch_before_ranks(args.training_script_args)
+    except RunnerError as e:
+        print(f"qlora_runner: {e.kind}: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     try:
         launch_command(args)
     except SignalException as e:
@@ -1279,7 +1683,8 @@ class _StopFlag:
         # that stopped with the others): the checkpoint is saved; nothing to interrupt.
 
 
-def make_callbacks(run: RunDir, cfg: JobConfig, stop: _StopFlag, plan: DevicePlan, ranks: Ranks) -> list:
+def make_callbacks(run: RunDir, cfg: JobConfig, stop: _StopFlag, plan: DevicePlan, ranks: Ranks,
+                   uploader: Optional[StoreUploader] = None) -> list:
     import torch
     from transformers import TrainerCallback
 
@@ -1343,6 +1748,8 @@ def make_callbacks(run: RunDir, cfg: JobConfig, stop: _StopFlag, plan: DevicePla
                 run.append_metric({"event": "checkpoint", "step": state.global_step,
                                    "path": str(dst.relative_to(run.root))})
                 log(f"checkpoint {dst.name} saved")
+                if uploader is not None:
+                    uploader.submit(state.global_step, dst)
             if ranks.world > 1:
                 all_ranks_max([0], args.device)  # and none goes on (or exits, after a stop) before it is sealed
 
@@ -1511,10 +1918,16 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag, ranks:
     check_dependencies()
     quiet_libraries()
 
+    store = open_store(cfg, run)
+    if store is not None and resume == "never" and ranks.is_main and store.complete_steps():
+        raise UsageError(f"{store.url} already holds checkpoints of a run of this name; continue it with "
+                         f"--resume auto, or give the new run another name ({RUN_ID_ENV}, or another --out)")
     resume_from = None
     if resume != "never":
         if ranks.is_local_main:  # the other ranks only read; they take complete checkpoints only
             discard_partial_checkpoints(run)
+        if resume == "auto" and store is not None and ranks.world == 1:  # ranks: fetched before they start
+            fetch_from_store(store, run)
         if resume == "auto":
             found = complete_checkpoints(run.checkpoints)
             resume_from = found[-1][1] if found else None
@@ -1571,26 +1984,36 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag, ranks:
             run.append_metric({"event": "base_eval", "test_loss": base_eval["loss"]})
         log(f"base model test loss {base_eval['loss']:.4f}")
 
+    # Only rank 0 uploads; the other ranks' checkpoints are on their own disks.
+    uploader = StoreUploader(store, run, cfg.storage.keep) if store is not None and ranks.is_main else None
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=to_dataset(data.train),
         eval_dataset=to_dataset(data.validation) if data.validation else None,
         data_collator=lambda f: collate(f, tokenizer.pad_token_id, 8 if plan.device == "cuda" else 1),
-        callbacks=make_callbacks(run, cfg, stop, plan, ranks),
+        callbacks=make_callbacks(run, cfg, stop, plan, ranks, uploader),
     )
     trainer.remove_callback(PrinterCallback)  # our callback prints (and records) progress
     stop.training = True
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except BaseException:
+        if uploader is not None:  # out of memory, say: what was saved before still goes to the store
+            uploader.close(STORE_STOP_FLUSH_S)
+        raise
     finally:
         stop.training = False
+    if uploader is not None and stop.signum is not None:  # a preempted machine: the last checkpoint first
+        uploader.close(STORE_STOP_FLUSH_S)
     if stop.signum is not None:
         code = EXIT_PREEMPTED if stop.signum == signal.SIGTERM else EXIT_INTERRUPTED
         step = trainer.state.global_step
         run.set_status("preempted", step=step, exit_code=code,
                        error=f"stopped by {signal.Signals(stop.signum).name} at step {step}; resume with --resume auto")
         log(f"stopped at step {step}; checkpoint-{step} saved; continue with --resume auto")
+        if store is not None and ranks.is_main:
+            upload_quietly(store, run, ("metrics.jsonl", "status.json"))
         return code
 
     if ranks.is_local_main and run.incoming.exists():
@@ -1631,9 +2054,30 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag, ranks:
     report["runtime_s"] = round(time.time() - started, 1)
     write_json_atomic(run.eval_path, report)
     run.append_metric({"event": "done", "step": trainer.state.global_step})
+    if uploader is not None:
+        run.set_status("uploading")
+        uploader.close(STORE_DONE_FLUSH_S)
+        upload_quietly(store, run, None)
     run.set_status("done", step=trainer.state.global_step, exit_code=EXIT_OK)
+    if store is not None:
+        upload_quietly(store, run, ("status.json",))
     log("done")
     return EXIT_OK
+
+
+def upload_quietly(store: CheckpointStore, run: RunDir, names: Optional[tuple[str, ...]]) -> None:
+    """The run's files to the store (`names`, or every result): a failure is logged, not raised,
+    since the files are also in DIR, where the launcher fetches them."""
+    try:
+        if names is None:
+            store.upload_results(run)
+            log(f"storage: adapter and results uploaded to {store.url}")
+        else:
+            for name in names:
+                if (run.root / name).is_file():
+                    store.upload_file(run.root / name, name)
+    except Exception as e:  # noqa: BLE001
+        log(f"storage: uploading the results failed ({store_error_text(e)}); they are in {run.root}")
 
 
 def start_data_parallel(args: Any, train: TrainSection, ranks: Ranks, resume_step: int) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Callable, Iterator, Mapping, Optional, TypeVar
 
 from launcher.config import LaunchConfig
 from launcher.distributed import Topology
@@ -34,10 +34,11 @@ class SkyWorkspace(ShellWorkspace):
         super().__init__(machine, folder)
         self.rearm = rearm
 
-    def start(self, python: str, *, resume: bool, topology: Topology = Topology()) -> int:
+    def start(self, python: str, *, resume: bool, topology: Topology = Topology(),
+              env: Optional[Mapping[str, str]] = None) -> int:
         if not keep_alive_running(self):
             self.rearm()
-        return super().start(python, resume=resume, topology=topology)
+        return super().start(python, resume=resume, topology=topology, env=env)
 
     def keep_alive_running(self) -> bool:
         return keep_alive_running(self)
@@ -69,10 +70,11 @@ class ClusterWorkspace(Workspace):
     def upload(self, config: LaunchConfig) -> None:
         self._each(lambda node: node.upload(config))
 
-    def start(self, python: str, *, resume: bool, topology: Topology = Topology()) -> int:
+    def start(self, python: str, *, resume: bool, topology: Topology = Topology(),
+              env: Optional[Mapping[str, str]] = None) -> int:
         if not all(self._each(keep_alive_running)):
             self.rearm()
-        jobs = self._each(lambda node: node.start(python, resume=resume, topology=topology))
+        jobs = self._each(lambda node: node.start(python, resume=resume, topology=topology, env=env))
         for node, job in zip(self.nodes[1:], jobs[1:]):
             node.machine.run(f"echo {job} > {node.folder}/{JOB_PID_FILE}", timeout=60)
         return jobs[0]

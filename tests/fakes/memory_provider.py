@@ -90,6 +90,7 @@ class RunnerFolder:
     starts: list[dict[str, Any]] = field(default_factory=list)  # each start: job, resume, from_step
     pushed: list[int] = field(default_factory=list)  # checkpoints pushed back by the launcher
     history_pushed: list[str] = field(default_factory=list)  # history files pushed with them
+    env: dict[str, str] = field(default_factory=dict)  # the runner's environment from the last start
 
     @property
     def running(self) -> bool:
@@ -443,8 +444,9 @@ class FakeWorkspace(Workspace):
         folder.keep = getattr(train, "keep_checkpoints", 3)
         folder.uploaded = True
 
-    def start(self, python: str, *, resume: bool, topology: Any = None) -> int:
+    def start(self, python: str, *, resume: bool, topology: Any = None, env: Any = None) -> int:
         folder = self._run("start", python, resume)
+        folder.env = dict(env or {})
         job = self.cloud.new_job()
         folder.start(job, resume)
         return job

@@ -162,7 +162,7 @@ def test_status_of_a_running_run_shows_the_runners_phase(store, tmp_path, monkey
                  total_steps=200, started_at=time.time() - 65)
     monkeypatch.setattr(job, "open_session", lambda store, run_id, **kw: SimpleNamespace(
         record=store.get(run_id), run_dir=Path(record.run_dir), holds_rented_machine=False, workspace=object(),
-        machine=None))
+        machine=None, config=None))
     look = SimpleNamespace(alive=True, exit_code=None, complete_steps=[50],
                            status={"phase": "training", "step": 57, "total_steps": 200})
     monkeypatch.setattr(job, "look", lambda session: look)
@@ -187,7 +187,7 @@ def test_status_of_a_rented_run_lists_its_machines_and_their_cost(store, tmp_pat
                                     end_reason="preempted"))
     monkeypatch.setattr(job, "open_session", lambda store, run_id, **kw: SimpleNamespace(
         record=store.get(run_id), run_dir=Path(record.run_dir), holds_rented_machine=False, workspace=object(),
-        machine=None))
+        machine=None, config=None))
     code, out, _ = launch("status", LONG_ID[:-1])
     assert code == 0
     assert "preempted (exit code 143)" in out and "vast:222, GPU: RTX 4090" in out

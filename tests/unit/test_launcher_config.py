@@ -24,7 +24,7 @@ def test_flags_override_resources():
     ("resources: {max_price: 0}", "resources.max_price: must be > 0.0, got 0"),
     ("resources: {gpuz: A10G}", "resources.gpuz: unknown key; did you mean 'gpu'?"),
     ("resources: {gpus: two}", "resources.gpus: input should be a valid integer"),
-    ("storage: {kind: s4}", "storage.kind: input should be 'local' or 's3', got 's4'"),
+    ("storage: {kind: s4}", "storage.kind: must be one of local, s3, got 's4'"),
     ("resources: [a, b]", "resources: expected a mapping"),
 ])
 def test_errors_name_the_file_and_key_path(tmp_path, text, message):

@@ -6,6 +6,7 @@ message names the exact key path (plus the file, for errors raised by load_confi
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,7 @@ def test_example_config_loads():
     assert isinstance(cfg.train, runner.TrainSection) and cfg.train.lr > 0
     assert isinstance(cfg.train.lr, float) and isinstance(cfg.train.epochs, float)
     assert isinstance(cfg.lora, runner.LoraSection) and isinstance(cfg.eval, runner.EvalSection)
-    assert isinstance(cfg.resources, dict) and isinstance(cfg.storage, dict)
+    assert isinstance(cfg.resources, dict) and isinstance(cfg.storage, runner.StorageSection)
 
 
 def test_minimal_config_gets_defaults(tmp_path):
@@ -85,7 +86,7 @@ def test_minimal_config_gets_defaults(tmp_path):
     assert cfg.data.format == "instruction" and cfg.data.max_length == 1024
     assert (cfg.data.splits.train, cfg.data.splits.validation, cfg.data.splits.test) == (0.9, 0.05, 0.05)
     assert cfg.train.lr == 2.0e-4 and cfg.lora.target_modules == "all-linear"
-    assert cfg.resources is None and cfg.storage is None
+    assert cfg.resources is None and cfg.storage == runner.StorageSection() and not cfg.storage.enabled
 
 
 def test_lr_written_as_2e_4_is_a_float(tmp_path):
@@ -126,12 +127,33 @@ def test_target_modules_accepts_string_or_list(tmp_path, modules):
     assert type(cfg.lora.target_modules) is type(modules)
 
 
-def test_resources_and_storage_pass_through(tmp_path):
+def test_resources_pass_through(tmp_path):
     resources = {"gpu": "A100", "providers": ["runpod", "local"], "max_price": 1.5}
-    storage = {"kind": "s3", "bucket": "b", "nested": {"a": 1}}
-    cfg = runner.load_config(write_config(tmp_path, job(resources=resources, storage=storage)))
+    cfg = runner.load_config(write_config(tmp_path, job(resources=resources)))
     assert cfg.resources == resources and isinstance(cfg.resources, dict)
-    assert cfg.storage == storage and isinstance(cfg.storage, dict)
+
+
+def test_storage_is_read_by_the_runner(tmp_path):
+    # The runner uploads checkpoints itself, so it reads (and checks) the storage section.
+    storage = {"kind": "s3", "bucket": "my-ckpts", "endpoint_url": "https://acct.r2.cloudflarestorage.com",
+               "region": "auto", "keep": 2, "access_key_env": "R2_KEY", "secret_key_env": "R2_SECRET"}
+    cfg = runner.load_config(write_config(tmp_path, job(storage=storage)))
+    assert cfg.storage.enabled and (cfg.storage.bucket, cfg.storage.keep, cfg.storage.prefix) == ("my-ckpts", 2, "qlora-launch")
+
+
+@pytest.mark.parametrize("storage, message", [
+    ({"kind": "s3"}, "storage.bucket: must be set for kind: s3"),
+    ({"kind": "s3", "bucket": "s3://my-ckpts"}, "storage.bucket: 's3://my-ckpts' is not a bucket name"),
+    ({"kind": "s3", "bucket": "b1x", "endpoint_url": "r2.example.com"}, "storage.endpoint_url: must start with https://"),
+    ({"kind": "s3", "bucket": "b1x", "access_key_env": "KEY"}, "storage.access_key_env: set both access_key_env and"),
+    ({"kind": "s3", "bucket": "b1x", "access_key_env": "AKIA+2/xyz", "secret_key_env": "S"},
+     "storage.access_key_env: must be the NAME of an environment variable"),
+    ({"kind": "s3", "bucket": "b1x", "keep": 0}, "storage.keep: must be >= 1, got 0"),
+    ({"kind": "s3", "bucket": "b1x", "buckets": "x"}, "storage.buckets: unknown key; did you mean 'bucket'?"),
+])
+def test_bad_storage_names_the_key(tmp_path, storage, message):
+    with pytest.raises(runner.ConfigError, match=re.escape(message)):
+        runner.load_config(write_config(tmp_path, job(storage=storage)))
 
 
 def test_from_dict_builds_sections_directly():
