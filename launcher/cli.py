@@ -37,6 +37,8 @@ from launcher.preflight import (
 from launcher.cli_plan import (
     add_market_arguments, add_plan_arguments, cmd_plan, market_overrides, plan_rental, render_offers,
 )
+from launcher.cli_deploy import DEPLOY_COMMANDS, DESCRIPTIONS as DEPLOY_DESCRIPTIONS, add_deploy_arguments
+from launcher.cli_deploy import cmd_chat, cmd_merge, cmd_push
 from launcher.cli_providers import cmd_check, cmd_down_all
 from launcher.cli_runs import cmd_logs, cmd_runs, cmd_status, render_summary, resolve_run_argument
 from launcher.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TARGET, EXIT_USAGE, UsageError
@@ -45,14 +47,14 @@ from launcher.remote import RemoteError
 from launcher.runs import RunNotFound, RunRecord, RunStore
 from launcher.sync import assets_bytes, local_assets
 
-COMMANDS = ("plan", "check", "runs", "status", "logs", "attach", "resume", "pull", "down")
+COMMANDS = ("plan", "check", "runs", "status", "logs", "attach", "resume", "pull", "down", *DEPLOY_COMMANDS)
 
 
 def launch_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launch", description="QLoRA fine-tuning, launched from your laptop.",
         epilog="other commands: launch plan | check | runs | status RUN | logs RUN [-f] | attach RUN | resume RUN | pull RUN | "
-               "down RUN   (launch COMMAND --help for each)")
+               "down RUN | merge RUN | push RUN --repo user/name | chat RUN   (launch COMMAND --help for each)")
     parser.add_argument("--config", type=Path, default=None,
                         help=f"job YAML (default: the tiny CPU demo, {DEFAULT_CONFIG.name})")
     parser.add_argument("--target", default=None,
@@ -83,9 +85,14 @@ def command_parser(command: str) -> argparse.ArgumentParser:
         "check": "which providers are usable here (credentials), and the tools this machine needs, with the fix for each",
     }
     descriptions["plan"] = "price the whole job on every offer that can hold it, and pick the cheapest"
+    descriptions.update(DEPLOY_DESCRIPTIONS)
     parser = argparse.ArgumentParser(prog=f"launch {command}", description=descriptions[command])
     if command == "plan":
         add_plan_arguments(parser)
+        return parser
+    if command in DEPLOY_COMMANDS:
+        add_deploy_arguments(command, parser)
+        parser.add_argument("--debug", action="store_true", help="show tracebacks")
         return parser
     if command == "down":
         parser.add_argument("run", nargs="?", help="run id (see `launch runs`)")
@@ -373,7 +380,8 @@ def cmd_down(args: argparse.Namespace, store: RunStore, console: Console, errors
 
 
 COMMAND_FUNCTIONS = {"plan": cmd_plan, "check": cmd_check, "runs": cmd_runs, "status": cmd_status, "logs": cmd_logs,
-                     "attach": cmd_attach, "resume": cmd_resume, "pull": cmd_pull, "down": cmd_down}
+                     "attach": cmd_attach, "resume": cmd_resume, "pull": cmd_pull, "down": cmd_down,
+                     "merge": cmd_merge, "push": cmd_push, "chat": cmd_chat}
 
 
 if __name__ == "__main__":

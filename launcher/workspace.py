@@ -111,6 +111,15 @@ class Workspace(ABC):
     def signal(self, job: int, signal_name: str) -> None:
         """TERM: the runner checkpoints and exits 143; KILL: it is gone."""
 
+    def run_tool(self, script: Path, args: list[str], python: str, timeout: float = 3600) -> str:
+        """Run a one-file tool (runner/merge_adapter.py: stdlib-only at import) in the run's folder
+        with the run's python, to the end; its stdout. A failure raises WorkspaceError with the
+        tool's last line. Optional: a target without a shell says so."""
+        from launcher.errors import UsageError
+
+        raise UsageError(f"running {script.name} in the run's folder is not supported on this target "
+                         f"({type(self).__name__}); run the command here, without --remote")
+
 
 class ShellWorkspace(Workspace):
     """<workdir>/runs/<run-id>/ on a machine with a POSIX shell."""
@@ -203,6 +212,12 @@ class ShellWorkspace(Workspace):
 
     def signal(self, job: int, signal_name: str) -> None:
         self.machine.signal_job(job, signal_name)
+
+    def run_tool(self, script: Path, args: list[str], python: str, timeout: float = 3600) -> str:
+        self.machine.put(script, f"{self.folder}/{script.name}")
+        command = (f"cd {shlex.quote(self.folder)} && PYTHONUNBUFFERED=1 {shlex.quote(python)} "
+                   f"{shlex.quote(script.name)} {' '.join(map(shlex.quote, args))}")
+        return self.machine.run(command, timeout=timeout).stdout
 
     # ---- files back and forth ---------------------------------------------------------------
 
