@@ -110,7 +110,7 @@ def render(model: RunModel, facts: RunFacts, license_id: str, merged: bool, repo
              f"(4-bit {job.model.quantization} base) by qlora-launch, run `{model.run_id}`.", ""]
     lines += _table("Base model", [
         ("base model", f"`{model.base}`" if not model.base_is_local else base_name),
-        ("revision", job.model.revision or "the default branch at training time"),
+        ("revision", job.model.revision or (None if model.base_is_local else "not pinned (the default branch then)")),
         ("license", license_id + ("" if license_id == LICENSE_UNKNOWN else " (the base model's)")),
     ])
     counts = facts.examples
