@@ -106,10 +106,40 @@ def command_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--json", action="store_true", help="print JSON")
     if command == "logs":
         parser.add_argument("-f", "--follow", action="store_true", help="keep printing as the runner writes")
+    if command == "resume":
+        add_move_arguments(parser)
     if command == "runs":
         parser.add_argument("--limit", type=int, default=50)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def add_move_arguments(parser: argparse.ArgumentParser) -> None:
+    """`launch resume RUN --target T | --providers P`: continue the run on another machine."""
+    moving = parser.add_argument_group("resume on another machine (its newest checkpoint comes from the run's "
+                                       "store, or from this machine)")
+    target = moving.add_mutually_exclusive_group()
+    target.add_argument("--target", default=None, help="your own machine: local, ssh://user@host[:port], an alias")
+    target.add_argument("--providers", default=None,
+                        help="rent the cheapest fitting offer on these providers (comma-separated, e.g. aws,gcp)")
+    moving.add_argument("--identity", default=None, help="SSH private key for --target")
+    moving.add_argument("--python", default=None, help="an interpreter on --target that has the runner's packages")
+    moving.add_argument("--usd-per-hour", type=float, default=None, help="what --target costs you per hour")
+
+
+def move_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The resources a resume elsewhere overrides; {} when it stays where it is."""
+    if args.target is None and args.providers is None:
+        for flag, value in (("--identity", args.identity), ("--python", args.python),
+                            ("--usd-per-hour", args.usd_per_hour)):
+            if value is not None:
+                raise UsageError(f"{flag} goes with --target (resume on your own machine); add --target, or drop it")
+        return {}
+    if args.providers is not None:
+        providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+        return {"providers": providers, "target": None}
+    return {"target": args.target, "ssh_identity": args.identity, "python": args.python,
+            "usd_per_hour": args.usd_per_hour, "providers": None}
 
 
 def main(argv: Optional[list[str]] = None, console: Optional[Console] = None,
@@ -341,6 +371,10 @@ def cmd_attach(args: argparse.Namespace, store: RunStore, console: Console, erro
 
 
 def cmd_resume(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
+    overrides = move_overrides(args)
+    if overrides:
+        return _drive(lambda session, reporter: job.resume_elsewhere(session, reporter, overrides), args, store,
+                      console, errors)
     return _drive(job.resume, args, store, console, errors)
 
 

@@ -456,6 +456,7 @@ def follow_run(session: Session, reporter: Reporter) -> Outcome:
 def finish(session: Session, seen: Look, reporter: Reporter, files_pulled: bool = False) -> Outcome:
     """The runner has ended: pull everything (the files once), plot, record the outcome."""
     reporter.phase("pulling results")
+    note_stored(session, seen.status)
     pull_new_checkpoints(session, seen.complete_steps, reporter)
     if not files_pulled:
         session.ws.fetch_results(session.run_dir)
@@ -545,13 +546,13 @@ def push_checkpoint_if_lost(session: Session, reporter: Reporter) -> None:
     machine), put it back, with the run's history (the runner cuts metrics.jsonl at the
     checkpoint's step and appends, and reuses the cached base-model evaluation). A store holding
     one as new: the runner downloads that itself, from wherever it runs."""
-    remote = look(session).complete_steps
+    on_target = max(look(session).complete_steps, default=-1)
     local = LocalCheckpoints(session.run_dir)
-    if not local.steps() or (remote and max(remote) >= local.newest()):
-        return
     stored = stored_steps(session, reporter)
-    if stored and stored[-1] >= local.newest():
+    if stored and stored[-1] > on_target and stored[-1] >= local.newest():
         reporter.phase(f"the runner resumes from checkpoint-{stored[-1]} in {session.record.store_url}")
+        return
+    if not local.steps() or on_target >= local.newest():
         return
     step = local.newest()
     reporter.phase(f"pushing checkpoint-{step} back to the target")
@@ -651,6 +652,64 @@ def resume(session: Session, reporter: Reporter) -> Outcome:
     return drive(session, reporter)
 
 
+def resume_elsewhere(session: Session, reporter: Reporter, overrides: dict[str, Any]) -> Outcome:
+    """`launch resume RUN --target T` (your own machine) or `--providers P` (rent the cheapest
+    fitting offer there): continue a stopped, preempted or interrupted run on another machine.
+    The old machine is released (a rented one destroyed); the new one gets the run's newest
+    checkpoint from its store (the runner downloads it itself) or from this machine (pushed).
+    The run's job.local.yaml records the new choice, so later recoveries keep to it."""
+    record = session.record
+    if record.status == "done":
+        raise JobError(f"run {record.id} is done; nothing to resume", EXIT_USAGE)
+    if record.status in ("starting", "running"):
+        raise JobError(f"run {record.id} is {record.status} on {record.target}; stop it first with `launch down "
+                       f"{record.id}` (it saves a checkpoint), then resume it elsewhere", EXIT_USAGE)
+    config = _moved_config(session, overrides)
+    if not LocalCheckpoints(session.run_dir).steps() and not stored_steps(session, reporter):
+        reporter.warn("no checkpoint of this run here or in a store: it starts again from the beginning")
+    release(session, "moved", reporter)
+    session.config, session.workspace, session.machine = config, None, None
+    target = config.resources.target
+    with starting(session, reporter):
+        if target:
+            session.provider = provider_for_target(target, config.resources)
+            session.update(provider=session.provider.name, target=target, machine_id=target, remote_dir=None,
+                           usd_per_hour=config.resources.usd_per_hour, identity=config.resources.ssh_identity)
+            reach_own_machine(session, reporter)
+        else:
+            reporter.phase("planning where to resume")
+            try:
+                plan = planning.compute_plan(config, session.store.measured_speeds(config.job.model.base),
+                                             reporter.warn, example_tokens=planning.example_tokens(config),
+                                             renting=True)
+            except planning.PlanError as e:
+                raise JobError(str(e), e.exit_code) from None
+            session.update(remote_dir=None)
+            rent_machine(session, plan.candidates, reporter)
+        session.open_workspace(fresh=True)
+        start_runner(session, reporter, resume=True)
+    return drive(session, reporter)
+
+
+def _moved_config(session: Session, resources: dict[str, Any]) -> LaunchConfig:
+    """The run's job with these resources set (None: removed, e.g. the old --target), checked,
+    then written over job.local.yaml; a bad value leaves the file as it was."""
+    path = session.run_dir / LOCAL_CONFIG
+    raw = yaml.safe_load(path.read_text())
+    section = {k: v for k, v in (raw.get("resources") or {}).items() if k not in resources}
+    raw["resources"] = {**section, **{k: v for k, v in resources.items() if v is not None}}
+    candidate = path.with_name(f".{LOCAL_CONFIG}.new")
+    candidate.write_text(f"# The job as launched from {session.record.config_path}, then moved by `launch resume`\n"
+                         + yaml.safe_dump(raw, sort_keys=False))
+    try:
+        load_config(candidate)
+    except Exception as e:  # noqa: BLE001  (a ConfigError names the key; anything else: a data file moved)
+        candidate.unlink()
+        raise JobError(f"run {session.record.id}: {e}", EXIT_USAGE) from None
+    candidate.replace(path)
+    return load_config(path)
+
+
 def pull(session: Session, reporter: Reporter) -> list[int]:
     """Fetch new checkpoints, metrics, logs and (when there) the adapter now; returns the
     checkpoint steps held here afterwards. A machine that is gone or does not answer: from the
@@ -710,6 +769,7 @@ def down(session: Session, reporter: Reporter) -> RunRecord:
         if seen.running and session.record.pid:
             reporter.phase("stopping the runner (it saves a checkpoint first)")
             seen = stop_with_grace(session.ws, session.record.pid, STOP_GRACE_S)
+        note_stored(session, seen.status)
         pull_new_checkpoints(session, seen.complete_steps, reporter)
         session.ws.fetch_results(session.run_dir)
     if session.provider.rents_machines:
