@@ -34,12 +34,12 @@ from launcher.checkpoints import LocalCheckpoints
 from launcher.config import LaunchConfig, load as load_config
 from launcher.errors import EXIT_TARGET, EXIT_USAGE
 from launcher.distributed import topology_for
+from launcher.paths import runner_module
 from launcher.providers import provider_for_target, provider_named, renter_name
 from launcher.providers.base import (
     LOST_STATES, Machine, MachineSpec, Need, Offer, Provider, ProviderError, Restartable,
 )
 from launcher.runs import RESUMABLE, RunRecord, RunStore, state_dir
-from launcher.paths import runner_module
 from launcher.workspace import Look, PrepareFailed, Workspace, WorkspaceError
 
 LOCAL_CONFIG = "job.local.yaml"  # the job as launched (overrides applied, local paths absolute)
