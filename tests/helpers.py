@@ -62,6 +62,14 @@ def run_runner(config: Path, out: Path, *extra: str, preexec_fn: Optional[Callab
                           timeout=timeout, preexec_fn=preexec_fn)
 
 
+def uninterrupted_losses(config: Path, out: Path) -> dict[int, float]:
+    """The runner's own uninterrupted run of `config` into `out`: the per-step losses a launched,
+    resumed or moved run of the same job must match."""
+    proc = run_runner(config, out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return train_losses(out)
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if r["event"] == "train"}

@@ -140,15 +140,12 @@ class S3Server:
 
 if __name__ == "__main__":
     import argparse
-    import time
+
+    from tests.fakes import serve_until_interrupted
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     server = S3Server(args.port).start()
     print(f"endpoint {server.url}\naccess key {server.access_key}\nsecret key {server.secret_key}", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        server.stop()
+    serve_until_interrupted(server.stop)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import parse_qs, urlsplit
 
+from tests.fakes import serve_until_interrupted
 from tests.sshd import free_port, run_sshd
 from tests.tcp_proxy import TcpProxy
 
@@ -670,11 +671,7 @@ def main() -> None:
     args = parser.parse_args()
     fake = FakeVast(args.catalog, args.folder.resolve(), api_key=args.api_key).start(args.port)
     print(f"fake Vast.ai API on {fake.url} (user {getpass.getuser()}); VAST_API_KEY={args.api_key}", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        fake.stop()
+    serve_until_interrupted(fake.stop)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import pytest
 from launcher.runs import RunStore
 from tests.fakes.s3_server import S3Server
 from tests.fakes.vast_api import ACCOUNT_KEY, FakeVast
-from tests.helpers import ROOT, read_json, run_runner, tiny_job, train_losses
+from tests.helpers import ROOT, read_json, tiny_job, train_losses, uninterrupted_losses
 from tests.integration.conftest import Launcher, output_of, ssh_args
 
 STEPS = 40  # tiny_job: save_every 10
@@ -59,9 +59,7 @@ def launcher(tmp_path, s3) -> StoreLauncher:
 @pytest.fixture(scope="module")
 def reference_losses(tmp_path_factory) -> dict[int, float]:
     folder = tmp_path_factory.mktemp("reference")
-    proc = run_runner(tiny_job(folder / "job.yaml"), folder / "out")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return train_losses(folder / "out")
+    return uninterrupted_losses(tiny_job(folder / "job.yaml"), folder / "out")
 
 
 def files_under(*folders: Path) -> list[Path]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.vast_api import ACCOUNT_KEY, FakeVast
-from tests.helpers import ROOT, run_runner, tiny_job, train_losses
+from tests.helpers import ROOT, tiny_job, train_losses, uninterrupted_losses
 from tests.integration.conftest import Launcher, output_of
 
 STEPS = 60
@@ -60,9 +60,7 @@ def job(path: Path, **vast_settings) -> Path:
 @pytest.fixture(scope="module")
 def reference_losses(tmp_path_factory) -> dict[int, float]:
     folder = tmp_path_factory.mktemp("reference")
-    proc = run_runner(job(folder / "job.yaml"), folder / "out")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return train_losses(folder / "out")
+    return uninterrupted_losses(job(folder / "job.yaml"), folder / "out")
 
 
 def test_plan_shows_the_live_offers_worth_renting(launcher: VastLauncher, vast: FakeVast):
