@@ -13,6 +13,9 @@
     python qlora_runner.py accelerate-launch --multi_gpu --num_processes 4 --num_machines 1 \
         --mixed_precision no --dynamo_backend no qlora_runner.py --config job.yaml --out DIR   # data parallel
 
+With storage.kind s3 the runner starts `qlora_runner.py store-upload PID` itself: its checkpoint
+uploads run there, at nice 19, so that they take no CPU time from training.
+
 Data parallel (launcher/distributed.py writes the line): `accelerate-launch ARGS` is `accelerate launch
 ARGS` run in this file, so that the launched process exits with the codes below; each rank (one per
 GPU, a 4-bit model on each) runs this file again. train.grad_accum is what one process accumulates:
@@ -649,7 +652,13 @@ class Prefixed:
         return self.stream.fileno()
 
 
+LOG_SINK: Optional[typing.Callable[[str], None]] = None  # set in the store's upload worker: lines go to the runner
+
+
 def log(message: str) -> None:
+    if LOG_SINK is not None:
+        LOG_SINK(message)
+        return
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
@@ -776,6 +785,7 @@ class CheckpointStore:
 
     def __init__(self, storage: StorageSection, run_name: str, client: Any = None) -> None:
         self.storage = storage
+        self.run_name = run_name
         self.bucket = storage.bucket or ""
         self.root = f"{storage.prefix.strip('/')}/{run_name}/"
         self.client = client if client is not None else s3_client(storage)
@@ -852,9 +862,11 @@ class CheckpointStore:
         # The transfer manager: multipart (8 MiB parts, in parallel) for the large files.
         self.client.upload_file(str(local), self.bucket, self.key(name), Config=TransferConfig(max_concurrency=4))
 
-    def upload_checkpoint(self, step: int, folder: Path, run: "RunDir") -> bool:
+    def upload_checkpoint(self, step: int, folder: Path, run: "RunDir",
+                          before_manifest: Optional[typing.Callable[[], None]] = None) -> bool:
         """Files first, then the run's history, then the manifest (only if absent). False when
-        the store already holds a complete checkpoint-<step>."""
+        the store already holds a complete checkpoint-<step>. before_manifest may raise to leave
+        the checkpoint incomplete (the upload worker: when the runner is gone)."""
         if step in self.complete_steps():
             return False
         files, sums = {}, {}
@@ -865,6 +877,8 @@ class CheckpointStore:
         for name in STORE_HISTORY:
             if (run.root / name).is_file():
                 self.upload_file(run.root / name, name)
+        if before_manifest is not None:
+            before_manifest()
         manifest = {"step": step, "files": files, "sha256": sums, "time": time.time()}
         self._put_once(f"checkpoints/checkpoint-{step}/{MANIFEST}", json.dumps(manifest).encode())
         return True
@@ -950,12 +964,20 @@ def fetch_from_store(store: CheckpointStore, run: "RunDir") -> Optional[int]:
     return step
 
 
+STORE_WORKER = "store-upload"  # `qlora_runner.py store-upload RUNNER_PID`: StoreUploader's child process
+STORE_WORKER_NICE = 19  # the lowest CPU priority: an upload may take longer, a training step must not
+
+
 class StoreUploader:
-    """Uploads checkpoints in a thread of its own, in order, so a training step waits for no
+    """Uploads checkpoints in order, off the training process, so a training step waits for no
     upload: `submit` hard-links the sealed checkpoint into DIR/checkpoints/.outgoing/ (instant, and
-    the local rotation cannot delete it under the upload) and returns. A checkpoint with `keep`
-    newer ones already waiting is skipped: it would be rotated away on arrival. A failed upload is
-    logged and training goes on; the next checkpoint is tried as usual."""
+    the local rotation cannot delete it under the upload) and returns. A thread hands the checkpoints
+    one by one to a child process (`store_worker`, at nice 19) that hashes and uploads them and
+    rotates the store: in a thread of the runner, boto3's Python took the GIL and the CPU from
+    training (benchmarks/storage.py measures the step with uploads on and off). A checkpoint with
+    `keep` newer ones already waiting is skipped: it would be rotated away on arrival. A failed
+    upload (or a worker that died: a new one takes the next checkpoint) is logged and training
+    goes on."""
 
     def __init__(self, store: CheckpointStore, run: "RunDir", keep: int) -> None:
         self.store, self.run, self.keep = store, run, keep
@@ -964,6 +986,7 @@ class StoreUploader:
         self.failures = 0
         self.cond = threading.Condition()
         self.closed = False
+        self.worker: Optional[Any] = None  # subprocess.Popen of store_worker
         shutil.rmtree(run.outgoing, ignore_errors=True)
         self.thread = threading.Thread(target=self._work, name="store-uploader", daemon=True)
         self.thread.start()
@@ -979,32 +1002,78 @@ class StoreUploader:
                 shutil.rmtree(dropped, ignore_errors=True)
             self.cond.notify_all()
 
+    def _start_worker(self) -> Any:
+        """Started from this uploader's thread: on Linux the worker is killed when the thread that
+        started it ends (PR_SET_PDEATHSIG), so it never outlives the runner, even a kill -9. Its own
+        session, so a Ctrl-C or a TERM to the runner's process group leaves the last upload to it.
+        The store's keys reach it in the inherited environment only, never its command line."""
+        import subprocess
+
+        worker = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), STORE_WORKER, str(os.getpid())],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        worker.stdin.write(json.dumps({"storage": dataclasses.asdict(self.store.storage),
+                                       "run_name": self.store.run_name, "root": str(self.run.root)}) + "\n")
+        worker.stdin.flush()
+        return worker
+
+    def _upload(self, step: int, staged: Path) -> dict[str, Any]:
+        """One checkpoint through the worker: its reply, the worker's log lines passed on meanwhile."""
+        if self.worker is None or self.worker.poll() is not None:
+            self.worker = self._start_worker()
+        try:
+            self.worker.stdin.write(json.dumps({"step": step, "folder": str(staged), "keep": self.keep}) + "\n")
+            self.worker.stdin.flush()
+        except OSError:
+            pass  # it died: the read below says so
+        for line in self.worker.stdout:
+            reply = json.loads(line)
+            if "log" in reply:
+                log(reply["log"])
+            else:
+                return reply
+        return {"step": step, "error": f"the upload worker exited ({self.worker.wait()})"}
+
     def _work(self) -> None:
+        try:
+            self.worker = self._start_worker()  # now, so its start-up (Python, boto3) is paid before training
+        except OSError:
+            pass  # each checkpoint tries again, and its failure is logged
         while True:
             with self.cond:
                 while not self.pending and not self.closed:
                     self.cond.wait()
-                if not self.pending:
-                    return
+                if self.closed:  # after a flush (nothing left), or close() gave up on what is left
+                    break
                 step, staged = self.pending.pop(0)
                 self.busy = True
             try:
-                started = time.time()
-                if self.store.upload_checkpoint(step, staged, self.run):
-                    removed = self.store.rotate(self.keep)
-                    gone = f"; removed checkpoint {', '.join(map(str, removed))} there" if removed else ""
-                    log(f"storage: checkpoint-{step} uploaded to {self.store.url} in {time.time() - started:.1f} s{gone}")
-                self.run.set_status(stored_step=step, store=self.store.url)
-                self.run.append_metric({"event": "stored", "step": step})
+                self._note(step, self._upload(step, staged))
             except Exception as e:  # noqa: BLE001  (the store is a copy: training goes on without it)
-                self.failures += 1
-                log(f"storage: uploading checkpoint-{step} failed ({store_error_text(e)}); training goes on, "
-                    "the next checkpoint is uploaded as usual")
+                self._note(step, {"step": step, "error": f"{type(e).__name__}: {e}"})
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
                 with self.cond:
                     self.busy = False
                     self.cond.notify_all()
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.stdin.close()  # its end of input: it exits
+            self.worker.wait()
+
+    def _note(self, step: int, reply: dict[str, Any]) -> None:
+        """The worker's answer in the log, status.json and metrics.jsonl."""
+        if self.closed and "error" in reply:
+            return  # close() gave up and stopped the worker: it said which checkpoint is not stored
+        if "error" in reply:
+            self.failures += 1
+            log(f"storage: uploading checkpoint-{step} failed ({reply['error']}); training goes on, "
+                "the next checkpoint is uploaded as usual")
+            return
+        if reply["uploaded"]:
+            removed = reply["removed"]
+            gone = f"; removed checkpoint {', '.join(map(str, removed))} there" if removed else ""
+            log(f"storage: checkpoint-{step} uploaded to {self.store.url} in {reply['seconds']:.1f} s{gone}")
+        self.run.set_status(stored_step=step, store=self.store.url)
+        self.run.append_metric({"event": "stored", "step": step})
 
     def flush(self, timeout: float) -> bool:
         """Wait until every submitted checkpoint is uploaded (or failed); False on the timeout."""
@@ -1026,7 +1095,63 @@ class StoreUploader:
             waiting = [f"checkpoint-{step}" for step, _ in self.pending]
             log(f"storage: stopped waiting for the upload after {timeout:.0f} s; not in the store: "
                 f"{', '.join(waiting) or 'the one being uploaded'}")
+            worker = self.worker
+            if worker is not None:
+                worker.kill()  # mid-upload: it leaves no manifest, so the store never takes that checkpoint
+        self.thread.join(10)
         return done
+
+
+def store_worker(argv: list[str]) -> int:
+    """`qlora_runner.py store-upload RUNNER_PID`: StoreUploader's upload process. Reads the store
+    (one JSON line: storage, run_name, root), then one checkpoint per line (step, folder, keep);
+    answers each with one JSON line ({"log": ...} lines before it), in order, until its input ends."""
+    runner_pid = int(argv[0])
+    os.nice(STORE_WORKER_NICE)
+    die_with_parent()  # SIGKILL when the uploader's thread ends, a kill -9 of the runner included
+    if os.getppid() != runner_pid:
+        return EXIT_OK  # the runner died before the line above took effect
+    replies, sys.stdout = sys.stdout, sys.stderr  # stdout is the answers' channel: a stray print must not enter it
+
+    def send(reply: dict[str, Any]) -> None:
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+    def forward_log(message: str) -> None:
+        send({"log": message})
+
+    global LOG_SINK
+    LOG_SINK = forward_log
+    hello = json.loads(sys.stdin.readline() or "null")
+    if hello is None:
+        return EXIT_OK
+    run = RunDir(Path(hello["root"]), writes=False)  # read only: its history files go up with each checkpoint
+
+    def open_worker_store() -> CheckpointStore:
+        return CheckpointStore(from_dict(StorageSection, hello["storage"], "storage"), hello["run_name"])
+
+    try:
+        store: Optional[CheckpointStore] = open_worker_store()  # boto3's import now, before the first checkpoint
+    except Exception:  # noqa: BLE001  (each checkpoint tries again and says why)
+        store = None
+
+    def runner_alive() -> None:  # where PR_SET_PDEATHSIG is not: no manifest for a runner that is gone
+        if os.getppid() != runner_pid:
+            raise StoreError("the runner is gone")
+
+    for line in sys.stdin:
+        job = json.loads(line)
+        step, started = job["step"], time.time()
+        try:
+            store = store or open_worker_store()
+            if not store.upload_checkpoint(step, Path(job["folder"]), run, before_manifest=runner_alive):
+                send({"step": step, "uploaded": False})
+                continue
+            removed = store.rotate(job["keep"])
+            send({"step": step, "uploaded": True, "removed": removed, "seconds": time.time() - started})
+        except Exception as e:  # noqa: BLE001  (one line for the runner's log; the next checkpoint is tried)
+            send({"step": step, "error": store_error_text(e)})
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2114,6 +2239,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [ACCELERATE_LAUNCH]:
         return accelerate_launch(argv[1:])
+    if argv[:1] == [STORE_WORKER]:
+        return store_worker(argv[1:])
     args = parse_args(argv)
     ranks = Ranks.from_env()
     run = RunDir(args.out.resolve(), writes=ranks.is_main)
