@@ -32,7 +32,8 @@ from launcher.config import ConfigError, LaunchConfig, load as load_config
 from launcher.paths import DEFAULT_CONFIG, find_config
 from launcher.planning import ANY_GPU
 from launcher.preflight import (
-    PreflightReport, check_data, check_model, check_storage, check_target, check_tools, needed_disk_gb,
+    PreflightReport, check_data, check_model, check_provider_settings, check_storage, check_target, check_tools,
+    needed_disk_gb,
 )
 from launcher.cli_plan import (
     add_market_arguments, add_plan_arguments, cmd_plan, market_overrides, plan_rental, render_offers,
@@ -207,6 +208,7 @@ def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, erro
     plan = None
     if renting:  # the plan counts the examples' lengths: the tools and the data are checked first
         check_tools(report, needs_ssh=True)
+        check_provider_settings(report, config)
         check_data(report, config)
         if report.errors:
             return _print_errors(errors, report)
@@ -268,7 +270,8 @@ def refuse_unused_market_flags(config: LaunchConfig, args: argparse.Namespace, r
     job that rents nothing, --gpu on a job that trains on the CPU."""
     given = [flag for flag, value in (("--gpu", args.gpu), ("--max-price", args.max_price),
                                       ("--max-total", args.max_total), ("--spot", args.spot or None),
-                                      ("--on-demand", args.on_demand or None)) if value is not None]
+                                      ("--on-demand", args.on_demand or None),
+                                      ("--managed", args.managed or None)) if value is not None]
     if args.gpu and args.gpu.lower() != ANY_GPU and config.job.train.device == "cpu":
         raise UsageError(f"--gpu {args.gpu}: this job trains on the CPU (train.device: cpu in {config.path.name}); "
                          "set train.device: auto to train on a GPU, or drop --gpu")

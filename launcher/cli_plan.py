@@ -36,6 +36,9 @@ def add_market_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-price", type=float, default=None, help="USD per hour cap (resources.max_price)")
     parser.add_argument("--max-total", type=float, default=None,
                         help="USD cap for the whole job (resources.max_total_usd)")
+    parser.add_argument("--managed", action="store_true",
+                        help="on the SkyPilot clouds, as a managed job that SkyPilot recovers from preemptions "
+                             "without this laptop (resources.sky.managed; needs storage.kind: s3)")
 
 
 def market_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -45,7 +48,8 @@ def market_overrides(args: argparse.Namespace) -> dict[str, Any]:
             "gpus": int(count) if count.isdigit() else None,  # --gpu A10G:4 also overrides resources.gpus
             "providers": [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None,
             "interruptible": True if args.spot else False if args.on_demand else None,
-            "max_price": args.max_price, "max_total_usd": args.max_total}
+            "max_price": args.max_price, "max_total_usd": args.max_total,
+            "sky.managed": True if getattr(args, "managed", False) else None}
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,7 +119,9 @@ def target_offers(config: LaunchConfig, errors: Console) -> list[Offer]:
 def render_offers(console: Console, plan: planning.Plan, limit: int, show_all: bool = False) -> None:
     render_plan(console, plan.rows, plan.choice, plan.need, limit=limit, show_all=show_all,
                 rentable=planning.can_rent)
-    for line in plan.notes:  # why the † offers cannot be rented, and the fix
+    for line in plan.mode_notes:  # how the chosen offer runs this job (managed: the controller's cost)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    for line in planning.unrentable_notes(plan.rows):  # why the † offers cannot be rented, and the fix
         console.print(f"{UNRENTABLE_MARK} {line}", highlight=False, markup=False, soft_wrap=True)
 
 

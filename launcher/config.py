@@ -95,10 +95,25 @@ def load(path: Path, overrides: Optional[dict[str, Any]] = None) -> LaunchConfig
     resources_raw = raw.get("resources") or {}
     if not isinstance(resources_raw, dict):
         raise ConfigError(f"{path}: resources: expected a mapping, got {resources_raw!r}")
-    resources_raw = {**resources_raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    resources_raw = _overridden(resources_raw, overrides or {})
     raw = {**raw, "resources": resources_raw}
     resources = _validate(Resources, resources_raw, "resources", path, overrides)
     return LaunchConfig(path=path, raw=raw, job=job, resources=resources)
+
+
+def _overridden(resources: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """resources with the flags' values set; a dotted key (`sky.managed`) sets a provider section's key."""
+    out = dict(resources)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, dot, name = key.partition(".")
+        if dot:
+            inner = out.get(section) or {}
+            out[section] = {**(inner if isinstance(inner, dict) else {}), name: value}
+        else:
+            out[key] = value
+    return out
 
 
 def _validate(model: type[BaseModel], data: Any, section: str, path: Path, overrides: Optional[dict]) -> Any:

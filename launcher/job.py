@@ -153,7 +153,7 @@ class Session:
         config = self.config
         self.workspace = self.provider.open_workspace(
             self.machine, self.record.id, workdir=config.resources.workdir if config else None,
-            run_folder=None if fresh else self.record.remote_dir)
+            run_folder=None if fresh else self.record.remote_dir, config=config)
         if fresh:
             self.update(status="starting", remote_dir=self.workspace.folder)
 

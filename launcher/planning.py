@@ -46,6 +46,7 @@ class Plan:
     constraints: ranking.Constraints
     rows: list[ranking.PlannedOffer]  # every offer considered, fitting ones first, cheapest whole job first
     choice: Optional[int]  # index of the cheapest fitting offer in rows; None: nothing fits
+    mode_notes: tuple[str, ...] = ()  # the chosen offer's provider on how this job runs there (a controller's cost)
 
     @property
     def candidates(self) -> list[Offer]:
@@ -56,7 +57,7 @@ class Plan:
     def notes(self) -> list[str]:
         """Why the fitting offers `launch` cannot rent are so, per market, cheapest first (a cloud
         without credentials: SkyPilot's reason and `sky check <cloud>`), at most MAX_NOTES."""
-        return unrentable_notes(self.rows)
+        return [*self.mode_notes, *unrentable_notes(self.rows)]
 
     def as_json(self) -> dict[str, Any]:
         out = ranking.plan_json(self.rows, self.choice, self.need)
@@ -136,10 +137,37 @@ def constraints_for(resources: Any) -> ranking.Constraints:
     topology = topology_for(resources)
     return ranking.Constraints(
         gpu=gpu, gpu_count=named_count or resources.gpus,
-        providers=expand_providers(resources.providers),
+        providers=restricted_providers(resources),
         interruptible=resources.interruptible, max_usd_per_hour=resources.max_price,
         max_total_usd=resources.max_total_usd, data_parallel=topology.processes > 1, nodes=topology.nodes,
         multi_node_markets=multi_node_markets() if topology.nodes > 1 else None)
+
+
+def restricted_providers(resources: Any) -> Optional[tuple[str, ...]]:
+    """resources.providers (expanded), narrowed to the markets a provider's mode allows
+    (resources.sky.managed: the clouds that run managed jobs)."""
+    asked = expand_providers(resources.providers)
+    for cls in PROVIDERS.values():
+        allowed = cls.plan_markets(resources)
+        if allowed is None:
+            continue
+        narrowed = tuple(m for m in (asked or allowed) if m in allowed)
+        if not narrowed:
+            raise PlanError(f"resources.providers {', '.join(resources.providers)}: none of them runs this job the way "
+                            f"resources.{cls.name} asks (these do: {', '.join(allowed)}); change one of the two "
+                            "(e.g. drop --managed)")
+        asked = narrowed
+    return asked
+
+
+def mode_notes(config: LaunchConfig, plan: Plan) -> Plan:
+    """The plan with its chosen offer's provider's word on it (managed mode: the controller's cost)."""
+    if plan.choice is None:
+        return plan
+    chosen = plan.rows[plan.choice]
+    provider = renter_of(chosen.offer.provider)
+    note = provider.plan_note(config.resources, chosen.offer, chosen.est_hours) if provider else None
+    return dataclasses.replace(plan, mode_notes=(note,)) if note else plan
 
 
 def multi_node_markets() -> frozenset[str]:
@@ -200,7 +228,7 @@ def compute_plan(config: LaunchConfig, measured: Sequence[MeasuredSpeed], warn: 
         warn(need.lengths_warning)
     if not renting:
         rows, choice = _rank(config, need, constraints, measured, warn, extra_offers)
-        return Plan(need, constraints, rows, choice)
+        return mode_notes(config, Plan(need, constraints, rows, choice))
     asked = constraints.providers
     only_rentable = tuple(p for p in (asked or rentable()) if p in rentable()) or asked
     rental = _with_providers(constraints, only_rentable)
@@ -213,7 +241,7 @@ def compute_plan(config: LaunchConfig, measured: Sequence[MeasuredSpeed], warn: 
         raise NothingFits(ranking.no_fit_message(plan.rows, need))
     if not plan.candidates:
         raise NothingRentable(unrentable_message(plan))
-    return plan
+    return mode_notes(config, plan)
 
 
 def _rank(config: LaunchConfig, need: ranking.JobNeed, constraints: ranking.Constraints,

@@ -196,6 +196,17 @@ def needed_disk_gb(config: LaunchConfig, assets_bytes: int, has_python: bool) ->
     return round(need + 1.0, 1)  # + checkpoints and logs
 
 
+def check_provider_settings(report: PreflightReport, config: LaunchConfig) -> None:
+    """A provider's settings that need another section of the job (managed mode: a store)."""
+    from launcher.errors import EXIT_CONFIG
+    from launcher.providers import PROVIDERS
+
+    for cls in PROVIDERS.values():
+        problem = cls.job_problem(config)
+        if problem:
+            report.add("error", "config", problem, EXIT_CONFIG)
+
+
 def check_storage(report: PreflightReport, config: LaunchConfig) -> None:
     """storage.kind s3: the keys are here, and the bucket answers, takes a write and a delete with them."""
     if not config.storage.enabled:

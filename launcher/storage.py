@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +216,22 @@ class RunInStore:
             return pulled
 
         return self._guard(pull)
+
+    def read_text(self, name: str) -> Optional[str]:
+        """The run's file `name` as text (status.json, runner.log...); None when the store has none."""
+        def read() -> Optional[str]:
+            with tempfile.TemporaryDirectory() as scratch:
+                local = Path(scratch) / "file"
+                return local.read_text() if self.store.download_file(name, local) else None
+
+        return self._guard(read)
+
+    def push_checkpoint(self, checkpoint: Path, step: int, history: list[Path]) -> None:
+        """A checkpoint of this machine into the store, manifest last, with the run's history
+        files (which must sit beside each other in the run's folder here)."""
+        folder = history[0].parent if history else checkpoint.parent.parent
+        run = runner_module().RunDir(folder, writes=False)
+        self._guard(lambda: self.store.upload_checkpoint(step, checkpoint, run))
 
     def _guard(self, action: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -161,6 +161,23 @@ class Provider(ABC):
         return False
 
     @classmethod
+    def plan_markets(cls, resources: Any) -> Optional[tuple[str, ...]]:
+        """The only markets this job may be planned on, when a setting of this provider's asks for
+        a way of running that only some can give (SkyPilot's managed jobs); None: no restriction."""
+        return None
+
+    @classmethod
+    def job_problem(cls, config: Any) -> Optional[str]:
+        """What in this job's file keeps this provider's settings from working (a setting that needs
+        another section), as a line naming the keys and the fix; None when nothing does."""
+        return None
+
+    @classmethod
+    def plan_note(cls, resources: Any, offer: Offer, hours: Optional[float]) -> Optional[str]:
+        """A line for the plan about renting `offer` the way this job asks (a cost beside the GPU)."""
+        return None
+
+    @classmethod
     def market_availability(cls) -> dict[str, Availability]:
         """Per market (see `markets`): whether it can be rented from here; `launch check` lists each."""
         return {}
@@ -197,9 +214,11 @@ class Provider(ABC):
         return "~/qlora-launch"
 
     def open_workspace(self, machine: Machine, run_id: str, workdir: Optional[str] = None,
-                       run_folder: Optional[str] = None) -> Any:
+                       run_folder: Optional[str] = None, config: Any = None) -> Any:
         """The run's workspace on `machine`: the shell one (a folder reached over a shell) unless
-        a provider says otherwise. `run_folder`: the one a run record names (reopening)."""
+        a provider says otherwise. `run_folder`: the one a run record names (reopening). `config`:
+        the job as launched (a LaunchConfig; None when its file no longer loads), for a workspace
+        that reads the run from elsewhere than its machine (the checkpoint store)."""
         from launcher.workspace import ShellWorkspace
 
         if run_folder:

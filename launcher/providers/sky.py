@@ -17,7 +17,9 @@ the shipped catalog snapshots and renting says how to install it."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 import time
 from pathlib import Path
@@ -27,12 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from launcher import catalog
 from launcher.paths import SHIPPED_CATALOGS
-from launcher.providers import sky_client
+from launcher.providers import sky_client, sky_managed
 from launcher.providers.base import (
     Availability, LabelledMachine, MachineSpec, MachineState, NeedsCredentials, Need, Offer, Provider,
     ProviderContext, ProviderError, Provisioned, Sweepable,
 )
-from launcher.providers.sky_task import CLUSTER_PREFIX, build_task, cluster_name, task_config
+from launcher.providers.sky_task import CLUSTER_PREFIX, build_task, cluster_name, pinned_resources, task_config
 from launcher.remote import Machine, SSHAddress, SSHMachine, SSHOptions, Unreachable
 from launcher.runs import state_dir
 
@@ -73,6 +75,12 @@ class SkySettings(BaseModel):
     ssh_timeout_s: float = Field(300.0, gt=0)  # up, but SSH silent this long: downed
     api_server_timeout_s: float = Field(120.0, gt=0)  # SkyPilot's API server must answer within this
     max_offers_tried: int = Field(3, ge=1)
+    # Managed mode (`launch --managed`): the job runs as a SkyPilot managed job that SkyPilot's
+    # controller recovers from preemptions itself; needs storage.kind: s3 (launcher/providers/sky_managed.py).
+    managed: bool = False
+    controller_usd_per_hour: Optional[float] = Field(None, ge=0)  # None: SkyPilot's default controller VM, priced
+    managed_submit_timeout_s: float = Field(1800.0, gt=0)  # until the job is queued (a first controller: minutes)
+    managed_start_timeout_s: float = Field(3600.0, gt=0)  # queued but never running this long: cancelled
 
     @field_validator("image_id")
     @classmethod
@@ -264,13 +272,42 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
 
     # ---- offers -----------------------------------------------------------------------------
 
+    def clouds(self) -> list[str]:
+        """The clouds of resources.sky.clouds this job can run on (managed: those that can mount its files)."""
+        return [c for c in self.settings.clouds if not self.settings.managed or c in sky_managed.MANAGED_CLOUDS]
+
+    @classmethod
+    def plan_markets(cls, resources: Any) -> Optional[tuple[str, ...]]:
+        """Managed mode keeps the plan on the clouds that can run a managed job."""
+        settings = getattr(resources, "sky", None)
+        return sky_managed.MANAGED_CLOUDS if settings is not None and settings.managed else None
+
+    @classmethod
+    def job_problem(cls, config: Any) -> Optional[str]:
+        settings = config.resources.sky
+        if settings.managed and not config.storage.enabled:
+            return (f"{config.path.name}: resources.sky.managed (--managed) needs a checkpoint store: every restart of "
+                    "a managed job begins on an empty disk and resumes from it; set storage.kind: s3 with "
+                    "storage.bucket (README: checkpoints in S3-compatible storage), or drop --managed")
+        if settings.managed and (config.resources.nodes or 1) > 1:
+            return (f"{config.path.name}: resources.sky.managed (--managed) trains on one node (several GPUs of it "
+                    f"are fine); resources.nodes is {config.resources.nodes}: drop --managed or set nodes: 1")
+        return None
+
+    @classmethod
+    def plan_note(cls, resources: Any, offer: Offer, hours: Optional[float]) -> Optional[str]:
+        settings = getattr(resources, "sky", None)
+        if settings is None or not settings.managed or offer.provider not in SKY_CLOUDS:
+            return None
+        return sky_managed.controller_note(offer.provider, settings.controller_usd_per_hour, offer.usd_per_hour, hours)
+
     def offers(self, need: Need, usd_per_hour: float = 0.0) -> list[Offer]:
         """The enabled clouds' GPU offers (every region, both markets), priced by SkyPilot's
         catalog when it is installed, else by the shipped snapshots; multi-node jobs only where
         SkyPilot can make several nodes. The planner does the fitting. (A cloud not enabled here
         keeps its shipped snapshot in the plan, marked as not rentable: no catalog download for it.)"""
         out: list[Offer] = []
-        for cloud in self.settings.clouds:
+        for cloud in self.clouds():
             if (self.nodes > 1 and cloud in SINGLE_NODE_CLOUDS) or not cloud_availability(cloud).usable:
                 continue
             try:
@@ -291,6 +328,8 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
             raise ProviderError(f"{offer.provider} is not a cloud we rent on through SkyPilot")
         if self.nodes > 1 and offer.provider in SINGLE_NODE_CLOUDS:
             raise ProviderError(f"{TITLES[offer.provider]} cannot make several nodes (resources.nodes: {self.nodes})")
+        if self.settings.managed:
+            return self._provision_managed(offer, spec)
         sky = self.sky
         cluster = cluster_name(spec.run_id)
         task = build_task(sky, offer, workdir=self.workdir, watchdog_idle_s=self.settings.watchdog_idle_minutes * 60,
@@ -317,6 +356,19 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
                 self._cancel_quietly(request)
             self._down_quietly(cluster, f"{type(e).__name__}: {e}")
             raise
+
+    def _provision_managed(self, offer: Offer, spec: MachineSpec) -> Provisioned:
+        """Nothing is rented yet: the managed job is submitted at the workspace's start, and
+        SkyPilot's controller rents its cluster (again after each preemption). The offer is kept
+        here for that start, also for a resume from another launcher process."""
+        if self.nodes > 1:
+            raise ProviderError("managed mode trains on one node (several GPUs of it are fine); for several nodes "
+                                "leave resources.sky.managed (--managed) off")
+        job = sky_managed.ManagedJob(cluster_name(spec.run_id))
+        offer_file(spec.run_id).parent.mkdir(parents=True, exist_ok=True)
+        offer_file(spec.run_id).write_text(json.dumps(dataclasses.asdict(offer)))
+        _, controller = sky_managed.controller_usd_per_hour(offer.provider, self.settings.controller_usd_per_hour)
+        return Provisioned(job, job.machine_id, offer.usd_per_hour + controller, time.time())
 
     def _reach(self, cluster: str, spec: MachineSpec) -> SkyMachine:
         deadline = time.monotonic() + self.settings.ssh_timeout_s
@@ -372,6 +424,9 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
     # ---- after provisioning -----------------------------------------------------------------
 
     def reconnect(self, machine_id: str, spec: MachineSpec) -> Machine:
+        job_name = sky_managed.job_name_of(machine_id)
+        if job_name is not None:
+            return sky_managed.ManagedJob(job_name)
         try:
             return self._machine(machine_id, spec)
         except ProviderError:
@@ -379,7 +434,15 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
 
     def state(self, machine: Machine) -> MachineState:
         """SkyPilot's status, refreshed from the cloud: a spot cluster the cloud took back is gone
-        (or INIT, abnormal, after it was up) and counts as preempted."""
+        (or INIT, abnormal, after it was up) and counts as preempted. A managed job is not lost to a
+        preemption (SkyPilot's controller recovers it); only a cancelled one is gone: resuming it
+        submits a new job (and opens a new billing segment)."""
+        if isinstance(machine, sky_managed.ManagedJob):
+            try:
+                record = sky_managed.managed_record(self.sky, machine.job_name, None)
+            except ProviderError:
+                return "unknown"
+            return "gone" if sky_managed._status_value(record) == "CANCELLED" else "running"
         try:
             record = self._record(_cluster_of(machine), refresh=True)
         except ProviderError:
@@ -387,6 +450,9 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
         return map_state(record)
 
     def terminate(self, machine: Machine) -> None:
+        if isinstance(machine, sky_managed.ManagedJob):
+            self.cancel_managed(machine.job_name)
+            return
         machine.close()
         self.down(_cluster_of(machine))
 
@@ -407,6 +473,14 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
             time.sleep(min(2 ** attempt, 15))
         raise ProviderError(f"cluster {cluster} may still be billing: tearing it down failed ({last}); run "
                             f"`sky down {cluster}` or `launch down --all`")
+
+    def cancel_managed(self, job_name: str) -> None:
+        """Cancel every live managed job of this name (SkyPilot then tears its cluster down)."""
+        try:
+            sky_managed.cancel(self.sky, [sky_managed._field(r, "job_id") for r in sky_managed.live_jobs(self.sky, job_name)])
+        except ProviderError as e:
+            raise ProviderError(f"managed job {job_name} may still be billing: cancelling it failed ({e}); run "
+                                f"`sky jobs cancel -n {job_name}`") from None
 
     def _down_quietly(self, cluster: str, why: str) -> None:
         try:
@@ -432,16 +506,28 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
                 out.append(LabelledMachine(machine_id=name, name=machine_name(name), label=name,
                                            status=str(getattr(_field(record, "status"), "value", "?")),
                                            usd_per_hour=_hourly(record)))
+        for record in sky_managed.live_jobs(sky):
+            name = str(sky_managed._field(record, "job_name"))
+            if name.startswith(CLUSTER_PREFIX):
+                job = sky_managed.ManagedJob(name)
+                out.append(LabelledMachine(machine_id=job.machine_id, name=job.name, label=name,
+                                           status=str(sky_managed._status_value(record)), usd_per_hour=0.0))
         return out
 
     def destroy_machine(self, machine_id: str) -> None:
-        self.down(machine_id)
+        job_name = sky_managed.job_name_of(machine_id)
+        if job_name is not None:
+            self.cancel_managed(job_name)
+        else:
+            self.down(machine_id)
 
     def open_workspace(self, machine: Machine, run_id: str, workdir: Optional[str] = None,
-                       run_folder: Optional[str] = None) -> Any:
+                       run_folder: Optional[str] = None, config: Any = None) -> Any:
         from launcher.providers.sky_workspace import ClusterWorkspace, SkyWorkspace
         from launcher.workspace import ShellWorkspace
 
+        if isinstance(machine, sky_managed.ManagedJob):
+            return self.managed_workspace(machine, run_id, config)
         cluster = _cluster_of(machine)
         base = super().open_workspace(machine, run_id, workdir or self.workdir, run_folder)
         rearm = lambda: self.rearm_watchdog(cluster)  # noqa: E731
@@ -457,6 +543,18 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
         nodes = [base, *(ShellWorkspace.create(worker, workdir or self.workdir, run_id) for worker in workers)]
         return ClusterWorkspace(nodes, rearm)
 
+    def managed_workspace(self, job: "sky_managed.ManagedJob", run_id: str, config: Any) -> Any:
+        from launcher.providers.sky_managed_workspace import ManagedWorkspace
+
+        resources = None
+        saved = offer_file(run_id)
+        if saved.is_file():
+            offer = Offer(**json.loads(saved.read_text()))
+            resources = pinned_resources(self.sky, offer, disk_gb=self.settings.disk_gb, image_id=self.settings.image_id,
+                                         any_region=True)
+        return ManagedWorkspace(lambda: self.sky, job, run_id, resources, config,
+                                            self.settings.managed_submit_timeout_s, self.settings.managed_start_timeout_s)
+
     def rearm_watchdog(self, cluster: str) -> None:
         """Submit the keep-alive job again (its earlier run ended: the run had ended, or the
         launcher was away) before a runner is started again on this cluster."""
@@ -465,6 +563,11 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
                                                      self.nodes))
         task.set_resources(sky.Resources())  # no GPU demand: never queued behind another job of the cluster
         sky_client.bounded("re-arming the keep-alive job", lambda: sky.get(sky.exec(task, cluster_name=cluster)), 300)
+
+
+def offer_file(run_id: str) -> Path:
+    """Where a managed run keeps the offer it was planned on (its job is submitted again on a resume)."""
+    return state_dir() / "managed" / f"{run_id}.offer.json"
 
 
 def map_state(record: Optional[Any]) -> MachineState:

@@ -43,9 +43,10 @@ def task_config(workdir: str, watchdog_idle_s: float, nodes: int = 1) -> dict[st
     return config
 
 
-def pinned_resources(sky: Any, offer: Offer, *, disk_gb: int, image_id: Optional[str]) -> Any:
-    """sky.Resources of exactly this offer: cloud and region, instance type, its GPUs, its market."""
-    infra = f"{offer.provider}/{offer.region}" if offer.region else offer.provider
+def pinned_resources(sky: Any, offer: Offer, *, disk_gb: int, image_id: Optional[str], any_region: bool = False) -> Any:
+    """sky.Resources of exactly this offer: cloud and region, instance type, its GPUs, its market.
+    `any_region`: the region left open (a managed job's recovery may then come back in another)."""
+    infra = f"{offer.provider}/{offer.region}" if offer.region and not any_region else offer.provider
     return sky.Resources(infra=infra, instance_type=offer.instance_type,
                          accelerators={str(offer.gpu): offer.gpu_count or 1}, use_spot=offer.interruptible,
                          disk_size=disk_gb, image_id=image_id)

@@ -406,7 +406,7 @@ class MemoryProvider(Provider, Restartable, Sweepable):
         return WORKDIR
 
     def open_workspace(self, machine: Machine, run_id: str, workdir: Optional[str] = None,
-                       run_folder: Optional[str] = None) -> "FakeWorkspace":
+                       run_folder: Optional[str] = None, config: Any = None) -> "FakeWorkspace":
         assert isinstance(machine, MemoryMachine), machine
         return FakeWorkspace(self.cloud, machine, run_folder or f"{workdir or WORKDIR}/runs/{run_id}")
 
