@@ -55,10 +55,8 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -67,10 +65,10 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from child_process import ROOT, run_child  # benchmarks/, this script's folder
+
 RUNNER_FILE = ROOT / "runner" / "qlora_runner.py"
 TINY_CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
-CHILD_TIMEOUT_S = 600
 BUSY_HOST_CORES = 0.1  # other processes' CPU above this (in cores) makes the timings suspect
 
 # One step's record, the same for both sides: (step, wall-clock time after the step, tokens).
@@ -167,38 +165,16 @@ def write_job(path: Path, steps: int) -> Path:
     return path
 
 
-def host_busy_cpu_s() -> float:
-    """CPU seconds since boot that the host's CPUs were busy or, in a VM, stolen by the hypervisor
-    (/proc/stat): either way not available to a benchmark that wants both cores."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def run_child(command: list[str], log_path: Path) -> ProcessUsage:
-    """Run `command` to completion and measure it. os.wait4 gives this child's own rusage, unlike
-    RUSAGE_CHILDREN, which holds the maximum RSS over all children waited for so far."""
-    started, busy_before = time.monotonic(), host_busy_cpu_s()
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        watchdog = threading.Timer(CHILD_TIMEOUT_S, process.kill)
-        watchdog.start()
-        try:
-            _, status, usage = os.wait4(process.pid, 0)
-        finally:
-            watchdog.cancel()
-    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
-    if process.returncode != 0:
-        tail = "\n".join(log_path.read_text().splitlines()[-15:])
-        raise RuntimeError(f"{command[1]} exited with {process.returncode}:\n{tail}")
-    wall = time.monotonic() - started
-    cpu = usage.ru_utime + usage.ru_stime
-    other = max(0.0, host_busy_cpu_s() - busy_before - cpu) / wall
-    return ProcessUsage(usage.ru_maxrss / 1024, wall, cpu, other)  # Linux reports ru_maxrss in KiB
+def run_child_measured(command: list[str], log_path: Path) -> ProcessUsage:
+    """Run `command` to completion: its own peak RSS, wall and CPU time, and the others' CPU meanwhile."""
+    usage = run_child(command, log_path)
+    other = max(0.0, usage.host_busy_s - usage.cpu_s) / usage.wall_s
+    return ProcessUsage(usage.peak_rss_mib, usage.wall_s, usage.cpu_s, other)
 
 
 def measure_runner(job: Path, work: Path, warmup: int) -> ChildRun:
     out = work / "runner-out"
-    usage = run_child([sys.executable, str(RUNNER_FILE), "--config", str(job), "--out", str(out)],
+    usage = run_child_measured([sys.executable, str(RUNNER_FILE), "--config", str(job), "--out", str(out)],
                       work / "runner.stdout")
     records, events, last_loss = runner_records(out / "metrics.jsonl")
     return ChildRun("runner", window_throughput(records, warmup), usage, last_loss,
@@ -207,7 +183,7 @@ def measure_runner(job: Path, work: Path, warmup: int) -> ChildRun:
 
 def measure_plain(job: Path, work: Path, warmup: int) -> tuple[ChildRun, dict[str, Any]]:
     result_path = work / "plain.json"
-    usage = run_child([sys.executable, str(Path(__file__).resolve()), "--_plain", str(job),
+    usage = run_child_measured([sys.executable, str(Path(__file__).resolve()), "--_plain", str(job),
                        "--_result", str(result_path)], work / "plain.stdout")
     result = json.loads(result_path.read_text())
     records = [(r["step"], r["time"], r["tokens"]) for r in result["steps"]]
