@@ -229,16 +229,16 @@ def cmd_status(args: argparse.Namespace, store: RunStore, console: Console, erro
 
 def look_in_store(session: job.Session) -> dict[str, Any]:
     """The run's checkpoints in its store, asked now (quick: a store that does not answer is said, not waited for)."""
-    config = session.config
-    if config is None or not config.storage.enabled:
-        return {}
     from launcher import storage
 
     try:
-        found = storage.RunInStore(config.storage, session.record.id, quick=True)
-        return {"store": found.url, "checkpoints_in_store": found.complete_steps()}
+        listing = storage.stored_checkpoints(session.config, session.record.id, quick=True)
     except storage.StorageProblem as e:
         return {"store_unreachable": str(e)}
+    if listing is None:
+        return {}
+    url, steps = listing
+    return {"store": url, "checkpoints_in_store": steps}
 
 
 def render_status(console: Console, record: RunRecord, live: dict[str, Any], machines: list[dict[str, Any]],

@@ -527,17 +527,16 @@ def note_stored(session: Session, status: dict[str, Any]) -> None:
 def stored_steps(session: Session, reporter: Reporter) -> list[int]:
     """The run's complete checkpoints in its store ([] without one, or when it cannot be read:
     said, and then this machine's copies are what is used)."""
-    config = session.config
-    if config is None or not config.storage.enabled:
-        return []
     try:
-        found = storage.RunInStore(config.storage, session.record.id)
-        steps = found.complete_steps()
+        listing = storage.stored_checkpoints(session.config, session.record.id)
     except storage.StorageProblem as e:
         reporter.warn(str(e))
         return []
+    if listing is None:
+        return []
+    url, steps = listing
     if steps and steps[-1] != session.record.stored_step:
-        session.update(stored_step=steps[-1], store_url=found.url)
+        session.update(stored_step=steps[-1], store_url=url)
     return steps
 
 

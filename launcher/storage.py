@@ -171,6 +171,15 @@ def runner_environment(config: Any) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def stored_checkpoints(config: Any, run_id: str, quick: bool = False) -> Optional[tuple[str, list[int]]]:
+    """The run's store and its complete checkpoints' steps, asked now; None when the job (a
+    LaunchConfig, or None when its file no longer loads) has no store. Raises StorageProblem."""
+    if config is None or not config.storage.enabled:
+        return None
+    found = RunInStore(config.storage, run_id, quick=quick)
+    return found.url, found.complete_steps()
+
+
 class RunInStore:
     """s3://bucket/prefix/<run-id>/ read from this machine."""
 

@@ -143,12 +143,15 @@ def test_a_managed_job_trains_survives_a_preemption_from_the_store_and_is_pulled
     assert any(value.get_secret_value() == s3.secret_key for value in managed.task.secrets.values())
 
 
-def test_down_cancels_a_managed_job_and_resume_submits_a_new_one_from_the_store(fake, tmp_path, s3,
+def test_pull_and_down_reach_a_managed_job_and_resume_submits_a_new_one_from_the_store(fake, tmp_path, s3,
                                                                                reference_losses):
     bucket = s3.make_bucket("managed-down")
     session, outcome, store = start_managed(tmp_path, s3, bucket, detach=True)
     assert outcome.detached
     wait_for_stored(s3, bucket, SAVE_EVERY)
+    # Another launcher process: `launch pull` reads the job's checkpoints from the store.
+    pulled = job.pull(job.open_session(store, session.record.id), job.SilentReporter())
+    assert pulled and pulled[-1] >= SAVE_EVERY
     reopened = job.open_session(store, session.record.id)
     stopped = job.down(reopened, job.SilentReporter())
     assert stopped.status == "stopped", stopped.error
