@@ -3,6 +3,7 @@
     launch                                        # the embedded default: configs/tiny-cpu.yaml, here
     launch --config job.yaml --target ssh://me@gpu-box [--detach] [--yes]
     launch plan --config job.yaml [--gpu A10G]   # cli_plan.py
+    launch export --colab --config job.yaml [--output FILE]   # cli_export.py: a Colab notebook
     launch runs | status RUN | logs RUN [-f] | attach RUN | resume RUN | pull RUN | down RUN
 
 Errors are one line on stderr with an exit code per class (errors.py; tracebacks only with
@@ -40,6 +41,7 @@ from launcher.cli_plan import (
 )
 from launcher.cli_deploy import DEPLOY_COMMANDS, DESCRIPTIONS as DEPLOY_DESCRIPTIONS, add_deploy_arguments
 from launcher.cli_deploy import cmd_chat, cmd_merge, cmd_push
+from launcher.cli_export import DESCRIPTION as EXPORT_DESCRIPTION, add_export_arguments, cmd_export
 from launcher.cli_providers import cmd_check, cmd_down_all
 from launcher.cli_runs import cmd_logs, cmd_runs, cmd_status, render_summary, resolve_run_argument
 from launcher.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TARGET, EXIT_USAGE, UsageError
@@ -48,14 +50,14 @@ from launcher.remote import RemoteError
 from launcher.runs import RunNotFound, RunRecord, RunStore
 from launcher.sync import assets_bytes, local_assets
 
-COMMANDS = ("plan", "check", "runs", "status", "logs", "attach", "resume", "pull", "down", *DEPLOY_COMMANDS)
+COMMANDS = ("plan", "check", "runs", "status", "logs", "attach", "resume", "pull", "down", *DEPLOY_COMMANDS, "export")
 
 
 def launch_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launch", description="QLoRA fine-tuning, launched from your laptop.",
         epilog="other commands: launch plan | check | runs | status RUN | logs RUN [-f] | attach RUN | resume RUN | pull RUN | "
-               "down RUN | merge RUN | push RUN --repo user/name | chat RUN   (launch COMMAND --help for each)")
+               "down RUN | merge RUN | push RUN --repo user/name | chat RUN | export --colab --config job.yaml   (launch COMMAND --help for each)")
     parser.add_argument("--config", type=Path, default=None,
                         help=f"job YAML (default: the tiny CPU demo, {DEFAULT_CONFIG.name})")
     parser.add_argument("--target", default=None,
@@ -86,10 +88,13 @@ def command_parser(command: str) -> argparse.ArgumentParser:
         "check": "which providers are usable here (credentials), and the tools this machine needs, with the fix for each",
     }
     descriptions["plan"] = "price the whole job on every offer that can hold it, and pick the cheapest"
-    descriptions.update(DEPLOY_DESCRIPTIONS)
+    descriptions.update(DEPLOY_DESCRIPTIONS, export=EXPORT_DESCRIPTION)
     parser = argparse.ArgumentParser(prog=f"launch {command}", description=descriptions[command])
     if command == "plan":
         add_plan_arguments(parser)
+        return parser
+    if command == "export":
+        add_export_arguments(parser)
         return parser
     if command in DEPLOY_COMMANDS:
         add_deploy_arguments(command, parser)
@@ -418,7 +423,7 @@ def cmd_down(args: argparse.Namespace, store: RunStore, console: Console, errors
 
 COMMAND_FUNCTIONS = {"plan": cmd_plan, "check": cmd_check, "runs": cmd_runs, "status": cmd_status, "logs": cmd_logs,
                      "attach": cmd_attach, "resume": cmd_resume, "pull": cmd_pull, "down": cmd_down,
-                     "merge": cmd_merge, "push": cmd_push, "chat": cmd_chat}
+                     "merge": cmd_merge, "push": cmd_push, "chat": cmd_chat, "export": cmd_export}
 
 
 if __name__ == "__main__":
