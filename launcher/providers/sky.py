@@ -442,7 +442,7 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
                 record = sky_managed.managed_record(self.sky, machine.job_name, None)
             except ProviderError:
                 return "unknown"
-            return "gone" if sky_managed._status_value(record) == "CANCELLED" else "running"
+            return "gone" if sky_managed.status_of(record) == "CANCELLED" else "running"
         try:
             record = self._record(_cluster_of(machine), refresh=True)
         except ProviderError:
@@ -477,7 +477,7 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
     def cancel_managed(self, job_name: str) -> None:
         """Cancel every live managed job of this name (SkyPilot then tears its cluster down)."""
         try:
-            sky_managed.cancel(self.sky, [sky_managed._field(r, "job_id") for r in sky_managed.live_jobs(self.sky, job_name)])
+            sky_managed.cancel(self.sky, [sky_managed.field_of(r, "job_id") for r in sky_managed.live_jobs(self.sky, job_name)])
         except ProviderError as e:
             raise ProviderError(f"managed job {job_name} may still be billing: cancelling it failed ({e}); run "
                                 f"`sky jobs cancel -n {job_name}`") from None
@@ -507,11 +507,11 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
                                            status=str(getattr(_field(record, "status"), "value", "?")),
                                            usd_per_hour=_hourly(record)))
         for record in sky_managed.live_jobs(sky):
-            name = str(sky_managed._field(record, "job_name"))
+            name = str(sky_managed.field_of(record, "job_name"))
             if name.startswith(CLUSTER_PREFIX):
                 job = sky_managed.ManagedJob(name)
                 out.append(LabelledMachine(machine_id=job.machine_id, name=job.name, label=name,
-                                           status=str(sky_managed._status_value(record)), usd_per_hour=0.0))
+                                           status=str(sky_managed.status_of(record)), usd_per_hour=0.0))
         return out
 
     def destroy_machine(self, machine_id: str) -> None:
@@ -546,14 +546,16 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
     def managed_workspace(self, job: "sky_managed.ManagedJob", run_id: str, config: Any) -> Any:
         from launcher.providers.sky_managed_workspace import ManagedWorkspace
 
-        resources = None
-        saved = offer_file(run_id)
-        if saved.is_file():
+        def resources() -> Any:  # asked at a start only: a look needs no SkyPilot classes
+            saved = offer_file(run_id)
+            if not saved.is_file():
+                raise ProviderError(f"run {run_id}: the offer it was planned on ({saved}) is gone; launch it again")
             offer = Offer(**json.loads(saved.read_text()))
-            resources = pinned_resources(self.sky, offer, disk_gb=self.settings.disk_gb, image_id=self.settings.image_id,
-                                         any_region=True)
+            return pinned_resources(self.sky, offer, disk_gb=self.settings.disk_gb, image_id=self.settings.image_id,
+                                    any_region=True)
+
         return ManagedWorkspace(lambda: self.sky, job, run_id, resources, config,
-                                            self.settings.managed_submit_timeout_s, self.settings.managed_start_timeout_s)
+                                self.settings.managed_submit_timeout_s, self.settings.managed_start_timeout_s)
 
     def rearm_watchdog(self, cluster: str) -> None:
         """Submit the keep-alive job again (its earlier run ended: the run had ended, or the

@@ -98,8 +98,8 @@ def managed_records(sky: Any, name: Optional[str] = None, job_ids: Optional[list
     """SkyPilot's queue records of managed jobs (with our fields), newest first."""
     records, *_ = sky_client.bounded("the managed-job queue", lambda: sky.get(sky.jobs.queue_v2(
         refresh=False, job_ids=job_ids, name_match=name, fields=RECORD_FIELDS)), 120)
-    out = [r for r in records if name is None or _field(r, "job_name") == name]
-    return sorted(out, key=lambda r: _field(r, "job_id") or 0, reverse=True)
+    out = [r for r in records if name is None or field_of(r, "job_name") == name]
+    return sorted(out, key=lambda r: field_of(r, "job_id") or 0, reverse=True)
 
 
 def managed_record(sky: Any, name: str, job_id: Optional[int]) -> Optional[Any]:
@@ -109,7 +109,7 @@ def managed_record(sky: Any, name: str, job_id: Optional[int]) -> Optional[Any]:
 
 def live_jobs(sky: Any, name: Optional[str] = None) -> list[Any]:
     """Managed jobs not yet ended (still billing, or about to)."""
-    return [r for r in managed_records(sky, name) if _status_value(r) not in ENDED]
+    return [r for r in managed_records(sky, name) if status_of(r) not in ENDED]
 
 
 def cancel(sky: Any, job_ids: list[int]) -> None:
@@ -118,12 +118,12 @@ def cancel(sky: Any, job_ids: list[int]) -> None:
         sky_client.bounded("cancelling the managed job", lambda: sky.get(sky.jobs.cancel(job_ids=job_ids)), 300)
 
 
-def _status_value(record: Optional[Any]) -> Optional[str]:
-    status = _field(record, "status") if record is not None else None
+def status_of(record: Optional[Any]) -> Optional[str]:
+    status = field_of(record, "status") if record is not None else None
     return getattr(status, "value", status)
 
 
-def _field(record: Any, name: str) -> Any:
+def field_of(record: Any, name: str) -> Any:
     if record is None:
         return None
     return record.get(name) if isinstance(record, dict) else getattr(record, name, None)

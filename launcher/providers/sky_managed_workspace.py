@@ -24,7 +24,7 @@ from launcher.distributed import Topology, runner_command, runner_environment
 from launcher.paths import CLUSTER_TEMPLATES, RUNNER_FILE
 from launcher.providers import sky_client
 from launcher.providers.base import ProviderError
-from launcher.providers.sky_managed import ENDED, ManagedJob, _field, _status_value, cancel, managed_record
+from launcher.providers.sky_managed import ENDED, ManagedJob, cancel, field_of, status_of, managed_record
 from launcher.remote import RemoteError
 from launcher.runs import state_dir
 from launcher.workspace import BOOTSTRAP_FILES, REMOTE_CONFIG, Look, Workspace
@@ -59,12 +59,12 @@ def runner_line(topology: Topology) -> str:
 class ManagedWorkspace(Workspace):
     """A run as a SkyPilot managed job: staged here, run by SkyPilot, read from the store."""
 
-    def __init__(self, sky: Callable[[], Any], job: ManagedJob, run_id: str, resources: Any, config: Optional[LaunchConfig],
-                 timeout_s: float, start_timeout_s: float) -> None:
+    def __init__(self, sky: Callable[[], Any], job: ManagedJob, run_id: str, resources: Callable[[], Any],
+                 config: Optional[LaunchConfig], timeout_s: float, start_timeout_s: float) -> None:
         self._sky = sky
         self.job = job
         self.run_id = run_id
-        self.resources = resources  # sky.Resources of the planned offer (None when reopened: not needed then)
+        self.resources = resources  # sky.Resources of the planned offer, region open (built at a start)
         self.config = config
         self.timeout_s = timeout_s  # until SkyPilot has queued the job
         self.start_timeout_s = start_timeout_s  # until the job first runs (SkyPilot's first launch never gives up)
@@ -131,7 +131,7 @@ class ManagedWorkspace(Workspace):
         sky = self.sky
         task = sky.Task.from_yaml_config(task_config(run_id, self.staged, runner_line(topology), envs))
         task.update_secrets(env)  # the store's keys: the job's environment only
-        task.set_resources(self.resources)
+        task.set_resources(self.resources())
         request = sky_client.bounded("the managed-job launch", lambda: sky.jobs.launch(task, name=self.job.job_name),
                                      120)
         job_ids, _ = sky_client.bounded("the managed-job launch", lambda: sky.stream_and_get(request), self.timeout_s)
@@ -147,7 +147,7 @@ class ManagedWorkspace(Workspace):
         and the start fails (nothing left queued or billing)."""
         deadline = time.monotonic() + self.start_timeout_s
         while True:
-            status = _status_value(self.record(job_id))
+            status = status_of(self.record(job_id))
             if status not in ("PENDING", "STARTING", None):
                 return
             if time.monotonic() > deadline:
@@ -166,7 +166,7 @@ class ManagedWorkspace(Workspace):
 
     def look(self, job: Optional[int]) -> Look:
         record = self.record(job) if job else None
-        status = _status_value(record)
+        status = status_of(record)
         store = self._store()
         steps = self._guard(store.complete_steps)
         seen = dict(self._last_status)
@@ -177,7 +177,7 @@ class ManagedWorkspace(Workspace):
             except ValueError:
                 pass
         seen["managed_status"] = status
-        seen["recovery_count"] = _field(record, "recovery_count") or 0
+        seen["recovery_count"] = field_of(record, "recovery_count") or 0
         if steps:
             seen["stored_step"], seen["store"] = steps[-1], store.url
         if status is None or status not in ENDED:
@@ -186,10 +186,12 @@ class ManagedWorkspace(Workspace):
                              + (f", recovered {recovered}x" if recovered else "") + ")")
             return Look(exit_code=None, alive=record is not None, complete_steps=steps, status=seen)
         code = ENDED[status]
-        if status == "FAILED" and isinstance(seen.get("exit_code"), int):
-            code = seen["exit_code"]  # the runner's own code (config error, OOM, ...) from its status
+        written = seen.get("updated_at")
+        if status == "FAILED" and isinstance(seen.get("exit_code"), int) and isinstance(written, (int, float)) \
+                and written >= (field_of(record, "submitted_at") or 0):
+            code = seen["exit_code"]  # the runner's own code (config error, OOM, ...), if this job's status says it
         if code != 0:
-            reason = _field(record, "failure_reason")
+            reason = field_of(record, "failure_reason")
             seen["error"] = f"SkyPilot: managed job {status}" + (f": {reason}" if reason else "")
         return Look(exit_code=code, alive=False, complete_steps=steps, status=seen)
 
@@ -213,8 +215,10 @@ class ManagedWorkspace(Workspace):
             def flush(self) -> None:
                 pass
 
+        closed = threading.Event()  # the caller stopped reading (the run ended, or it gave up on it)
+
         def follow() -> None:
-            while not stop():
+            while not stop() and not closed.is_set():
                 try:
                     self.sky.jobs.tail_logs(job_id=job_id, follow=True, output_stream=Sink())
                 except Exception:  # noqa: BLE001  (the log is for progress; the looks decide the outcome)
@@ -222,27 +226,30 @@ class ManagedWorkspace(Workspace):
                 time.sleep(2.0)
 
         threading.Thread(target=follow, name="managed-job log", daemon=True).start()
-        while not stop():
-            try:
-                line = lines.get(timeout=1.0)
-            except Empty:
-                yield ""
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            key = (event.get("event"), event.get("step"))
-            if key in seen:
-                continue  # a restart prints the history it resumed with again
-            seen.add(key)
-            if isinstance(event.get("step"), int):
-                self._last_status["step"] = event["step"]
-            yield line
+        try:
+            while not stop():
+                try:
+                    line = lines.get(timeout=1.0)
+                except Empty:
+                    yield ""
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                key = (event.get("event"), event.get("step"))
+                if key in seen:
+                    continue  # a restart prints the history it resumed with again
+                seen.add(key)
+                if isinstance(event.get("step"), int):
+                    self._last_status["step"] = event["step"]
+                yield line
+        finally:
+            closed.set()
 
     def _job_id(self) -> Optional[int]:
         record = self.record(None)
-        return _field(record, "job_id")
+        return field_of(record, "job_id")
 
     def read(self, name: str) -> str:
         if name == "runner.log":  # the job's log: setup and run, every restart
