@@ -29,6 +29,8 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tests.fakes.http_json import JSONHandler, Recorded
 from typing import Any, Optional
 
 import yaml
@@ -41,12 +43,6 @@ LICENSES = {"apache-2.0", "mit", "llama3.1", "llama3", "llama2", "gemma", "cc-by
             "bsd-3-clause", "openrail", "other", "unknown"}
 
 
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    headers: dict[str, str]  # names in lower case
-    body: bytes
 
 
 @dataclass
@@ -95,51 +91,18 @@ class FakeHub:
 
 
 def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: Any) -> None:  # quiet: the tests read hub.requests
-            pass
-
-        # ---- plumbing ---------------------------------------------------------------------
-
-        def _body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                chunks = []
-                while True:
-                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                            pass  # trailers
-                        return b"".join(chunks)
-                    chunks.append(self.rfile.read(size))
-                    self.rfile.readline()
-            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-        def _send(self, status: int, payload: Any = None, headers: Optional[dict[str, str]] = None,
-                  content_type: str = "application/json") -> None:
-            data = b"" if payload is None else json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(data)
+    class Handler(JSONHandler):
+        fake = hub
 
         def _error(self, status: int, message: str, code: Optional[str] = None) -> None:
-            self._send(status, {"error": message}, {"X-Error-Message": message, **({"X-Error-Code": code} if code else {})})
+            self._send(status, {"error": message},
+                       headers={"X-Error-Message": message, **({"X-Error-Code": code} if code else {})})
 
         def _authorized(self) -> bool:
             if self.headers.get("Authorization") == f"Bearer {hub.token}":
                 return True
             self._error(401, "Invalid credentials in Authorization header")
             return False
-
-        def _record(self, body: bytes) -> None:
-            with hub.lock:
-                hub.requests.append(Recorded(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
-                                         body))
 
         # ---- routes -----------------------------------------------------------------------
 
@@ -202,7 +165,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             with hub.lock:
                 if repo_id in hub.repos:
                     return self._send(409, {"error": "You already created this model repo", "url": url},
-                                      {"X-Error-Message": "You already created this model repo"})
+                                      headers={"X-Error-Message": "You already created this model repo"})
                 hub.repos[repo_id] = Repo(repo_id, private=payload.get("visibility") == "private")
             self._send(200, {"url": url, "name": repo_id, "id": "fake-" + hashlib.md5(repo_id.encode()).hexdigest()})
 

@@ -84,6 +84,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tests.fakes.http_json import JSONHandler, Recorded
 from typing import Any, Callable, Optional
 
 # KernelWorkerStatus (kagglesdk/kernels/types/kernels_enums.py), by name as kagglesdk serialises them.
@@ -102,15 +104,6 @@ class FakeError(Exception):
         self.message = message
 
 
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    headers: dict[str, str]  # names in lower case
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body or b"{}")
 
 
 @dataclass
@@ -471,46 +464,14 @@ class FakeKaggle:
         return reply
 
 
-def _handler(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+def _handler(served: FakeKaggle) -> type[BaseHTTPRequestHandler]:
+    fake = served
 
-        def log_message(self, *args: Any) -> None:  # quiet: the tests read fake.requests
-            pass
-
-        # ---- plumbing ---------------------------------------------------------------------
-
-        def _body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                chunks = []
-                while True:
-                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                            pass  # trailers
-                        return b"".join(chunks)
-                    chunks.append(self.rfile.read(size))
-                    self.rfile.readline()
-            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-        def _send(self, status: int, payload: Any = None, content_type: str = "application/json",
-                  headers: Optional[dict[str, str]] = None) -> None:
-            data = payload if isinstance(payload, bytes) else b"" if payload is None else json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
+    class Handler(JSONHandler):
+        fake = served
 
         def _error(self, status: int, message: str) -> None:
             self._send(status, {"code": status, "message": message})
-
-        def _record(self, body: bytes) -> None:
-            with fake.lock:
-                fake.requests.append(Recorded(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
-                                              body))
 
         def _path(self) -> str:
             path = self.path.split("?")[0]
@@ -546,9 +507,9 @@ def _handler(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
             parts = self._path().split("/")
             blob = fake.blobs.get(parts[2]) if len(parts) == 3 and parts[1] == "upload" else None
             if blob is None:
-                return self._send(404, b"", "text/plain")
+                return self._send(404, b"", content_type="text/plain")
             if blob["length"] and len(body) != blob["length"]:
-                return self._send(400, b"length differs from StartBlobUpload's contentLength", "text/plain")
+                return self._send(400, b"length differs from StartBlobUpload's contentLength", content_type="text/plain")
             blob["data"] = body
             self._send(200, {"ok": True})
 
@@ -565,8 +526,9 @@ def _handler(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
             versions = fake.kernels.get(f"{owner}/{slug}") or []
             data = versions[number - 1].outputs.get(name) if 1 <= number <= len(versions) else None
             if data is None:
-                return self._send(404, b"", "text/plain")
-            self._send(200, data, "application/octet-stream", {"Last-Modified": formatdate(usegmt=True)})
+                return self._send(404, b"", content_type="text/plain")
+            self._send(200, data, content_type="application/octet-stream",
+                       headers={"Last-Modified": formatdate(usegmt=True)})
 
         def _log_stream(self, owner: str, slug: str) -> None:
             user = fake.user_for(self.headers.get("Authorization", ""))
@@ -578,7 +540,7 @@ def _handler(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
             except FakeError as error:
                 return self._error(error.status, error.message)
             if version.status in FINISHED:  # the persisted blob
-                return self._send(200, version.log_text().encode(), "application/json")
+                return self._send(200, version.log_text().encode(), content_type="application/json")
             # Chunked, one chunk an event: urllib3 hands a chunked body over chunk by chunk, where a
             # close-delimited one would sit in the client's 512-byte iter_lines buffer.
             self.send_response(200)
