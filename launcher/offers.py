@@ -89,7 +89,7 @@ class PlannedOffer:
                 "vram_gb": o.vram_gb, "usd_per_hour": o.usd_per_hour, "interruptible": o.interruptible,
                 "est_hours": _round(self.est_hours, 3), "est_total_usd": _round(self.est_total_usd, 2),
                 "fits": self.fits, "why_not": self.why_not, "calibrated": self.calibrated,
-                "instance_type": o.instance_type}
+                "instance_type": o.instance_type, "hours_left": o.hours_left}
 
 
 def _round(value: Optional[float], digits: int) -> Optional[float]:
@@ -268,7 +268,13 @@ def _excluded(p: PlannedOffer, c: Constraints) -> Optional[str]:
         return f"above the ${c.max_usd_per_hour:.2f}/h cap"
     if c.max_total_usd is not None and p.est_total_usd is not None and p.est_total_usd > c.max_total_usd:
         return f"above the ${c.max_total_usd:.2f} total cap"
+    if o.hours_left is not None and p.est_hours is not None and p.est_hours > o.hours_left:
+        return f"needs {_hours_text(p.est_hours)}, {_hours_text(o.hours_left)} left"  # a free quota (Kaggle's week)
     return None
+
+
+def _hours_text(hours: float) -> str:
+    return f"{hours:.1f}".removesuffix(".0") + " h"
 
 
 def speed_factor(measured: list[MeasuredSpeed], gpu: GPU, need: JobNeed) -> Optional[float]:

@@ -65,6 +65,9 @@ class Offer:
     instance_type: Optional[str] = None
     target: Optional[str] = None  # what --target says to reach it (own boxes)
     offer_id: Optional[int] = None  # the provider's id to rent it by (live offers only)
+    # Hours the account may still run it (a free weekly quota: Kaggle); None: no such bound. The
+    # planner does not choose it for a job estimated to take longer.
+    hours_left: Optional[float] = None
 
     @property
     def gpu_summary(self) -> Optional[str]:
