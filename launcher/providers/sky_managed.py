@@ -96,8 +96,14 @@ RECORD_FIELDS = ["job_id", "job_name", "status", "recovery_count", "failure_reas
 
 def managed_records(sky: Any, name: Optional[str] = None, job_ids: Optional[list[int]] = None) -> list[Any]:
     """SkyPilot's queue records of managed jobs (with our fields), newest first."""
-    records, *_ = sky_client.bounded("the managed-job queue", lambda: sky.get(sky.jobs.queue_v2(
-        refresh=False, job_ids=job_ids, name_match=name, fields=RECORD_FIELDS)), 120)
+    try:
+        records, *_ = sky_client.bounded("the managed-job queue", lambda: sky.get(sky.jobs.queue_v2(
+            refresh=False, job_ids=job_ids, name_match=name, fields=RECORD_FIELDS)), 120)
+    except sky_client.SkyError as e:
+        if e.kind != "ClusterNotUpError":
+            raise
+        # No jobs controller (never launched, or stopped: it stops only once every job has ended).
+        return []
     out = [r for r in records if name is None or field_of(r, "job_name") == name]
     return sorted(out, key=lambda r: field_of(r, "job_id") or 0, reverse=True)
 

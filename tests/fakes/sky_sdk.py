@@ -340,6 +340,8 @@ class FakeJobs:
                  job_ids: Optional[list[int]] = None, name_match: Optional[str] = None, fields: Any = None,
                  **_: Any) -> str:
         def work() -> tuple[list[Any], int, dict[str, int], int]:
+            if not self.jobs:  # SkyPilot: no jobs controller yet (sky/jobs/server/core.py, queue)
+                raise exceptions.ClusterNotUpError("No in-progress managed jobs.")
             records = [SimpleNamespace(job_id=j.job_id, job_name=j.name, status=j.status,
                                        recovery_count=j.recovery_count, failure_reason=j.failure_reason,
                                        submitted_at=j.submitted_at, end_at=j.end_at)
