@@ -164,11 +164,36 @@ def run(folder, plan):
            **({"stopped": stopped} if stopped else {}))
 
 
+def unpack(folder, plan):
+    """The job's folder assets travel as tars (Kaggle uploads a dataset's top level only): a
+    scratch folder with the input's files linked and each archive unpacked; job.yaml names them
+    relative to itself. The input stays read-only; the scratch is not output."""
+    archives = plan.get("unpack") or {}
+    if not archives:
+        return folder
+    import tarfile
+    import tempfile
+
+    import shutil
+
+    job = tempfile.mkdtemp(prefix="qlora-job-")
+    config = plan.get("config", "job.yaml")
+    for name in os.listdir(folder):
+        if name == config:  # a copy: the runner resolves paths from the config's real folder
+            shutil.copy2(os.path.join(folder, name), os.path.join(job, name))
+        elif name not in archives:
+            os.symlink(os.path.join(folder, name), os.path.join(job, name))
+    for name in archives:
+        with tarfile.open(os.path.join(folder, name)) as tar:
+            tar.extractall(job, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(job)
+    return job
+
+
 def main():
     folder, plan = find_plan()
     check_gpus(plan)
     install(folder, plan)
-    run(folder, plan)
+    run(unpack(folder, plan), plan)
 
 
 if __name__ == "__main__":

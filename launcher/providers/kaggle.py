@@ -108,10 +108,12 @@ def kernel_of(machine_id: str) -> KaggleKernel:
     return KaggleKernel(owner, slug)
 
 
-# KernelWorkerStatus names (kagglesdk/kernels/types/kernels_enums.py) as machine states.
+# KernelWorkerStatus names (kagglesdk/kernels/types/kernels_enums.py) as machine states. A kernel
+# that ended is not a lost machine: its end is the runner's, which the workspace's look() reads
+# (exit code, or 143 after the planned stop before the session limit); only a cancelled one is gone.
 STATES: dict[str, MachineState] = {
     "QUEUED": "starting", "NEW_SCRIPT": "starting", "RUNNING": "running", "CANCEL_REQUESTED": "running",
-    "COMPLETE": "stopped", "ERROR": "stopped", "CANCEL_ACKNOWLEDGED": "stopped",
+    "COMPLETE": "running", "ERROR": "running", "CANCEL_ACKNOWLEDGED": "gone",
 }
 
 
@@ -208,6 +210,17 @@ class KaggleProvider(Provider, NeedsCredentials):
     def quota_refresh_line(self) -> str:
         return (f"it refreshes {self.quota().refresh_text()}; to go on now on a paid GPU: "
                 "`launch resume RUN --providers vast`")
+
+    def open_workspace(self, machine: Machine, run_id: str, workdir: Optional[str] = None,
+                       run_folder: Optional[str] = None, config: Any = None) -> Any:
+        """The run as a dataset and a kernel on Kaggle (kaggle_workspace.py)."""
+        from launcher.providers.kaggle_workspace import KaggleWorkspace
+
+        if not isinstance(machine, KaggleKernel):
+            raise ProviderError(f"{machine.name} is not a Kaggle kernel")
+        if run_folder and "/runs/" in run_folder:
+            run_id = run_folder.rsplit("/runs/", 1)[1]
+        return KaggleWorkspace(lambda: self.api, machine, run_id, self.settings, config)
 
     def reconnect(self, machine_id: str, spec: MachineSpec) -> Machine:
         return kernel_of(machine_id)

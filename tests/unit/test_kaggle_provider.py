@@ -156,7 +156,7 @@ def test_provision_names_the_kernel_and_state_reads_its_status(fake, kaggle_home
         "kernel_type": "script", "is_private": True, "enable_gpu": True, "enable_internet": True}))
     provider.api.kernels_push(str(folder))
     fake.wait_finished()
-    assert provider.state(kernel) == "stopped"
+    assert provider.state(kernel) == "running"  # ended, not lost: look() reads how the runner ended
 
 
 # ---- the plan -----------------------------------------------------------------------------------
