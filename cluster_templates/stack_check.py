@@ -40,7 +40,7 @@ def main() -> int:
             return 1
         report["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         report["cuda"] = torch.version.cuda
-        report["bf16"] = torch.cuda.is_bf16_supported()
+        report["bf16"] = torch.cuda.get_device_capability(0)[0] >= 8  # native (a T4 only emulates it)
     compute_dtype = torch.float16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=compute_dtype, quant_type="nf4")

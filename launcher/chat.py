@@ -66,7 +66,7 @@ def load(model: RunModel, log: Any) -> tuple[Any, Any]:
 
     kwargs: dict[str, Any] = {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
     if torch.cuda.is_available():
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = torch.bfloat16 if torch.cuda.get_device_capability(0)[0] >= 8 else torch.float16  # a T4: fp16
         kwargs.update(dtype=dtype, device_map={"": 0})
         if model.job.model.quantization != "none":
             from transformers import BitsAndBytesConfig

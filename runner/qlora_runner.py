@@ -1514,6 +1514,12 @@ def choose_precision(requested: str, device: str, bf16_supported: bool) -> str:
     return "bfloat16" if bf16_supported else "float16"
 
 
+def has_native_bf16(cuda: Any, index: int) -> bool:
+    """Compute capability 8.0 and up (Ampere, Ada, Hopper...). Not torch.cuda.is_bf16_supported():
+    by default (including_emulation=True) it says True on a T4 (7.5), whose bf16 is emulated and slow."""
+    return cuda.get_device_capability(index)[0] >= 8
+
+
 def choose_device_map(device: str, gpu_count: int, local_rank: Optional[int]) -> Any:
     """One process per GPU under torchrun/accelerate (LOCAL_RANK set); otherwise one process
     spreading a model too big for one GPU over all of them; or all on the CPU."""
@@ -1538,7 +1544,7 @@ def plan_device(train: TrainSection, ranks: Optional[Ranks] = None) -> DevicePla
     if device == "cuda" and ranks is not None and ranks.world > 1:
         index = ranks.local_rank
         torch.cuda.set_device(index)  # before anything else touches CUDA: else every rank opens a context on GPU 0
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = device == "cuda" and has_native_bf16(torch.cuda, index)
     dtype = choose_precision(train.precision, device, bf16)
     rank = os.environ.get("LOCAL_RANK")
     device_map = choose_device_map(device, torch.cuda.device_count() if device == "cuda" else 0, int(rank) if rank else None)

@@ -20,6 +20,31 @@ def test_choose_precision(requested, device, bf16, expected):
     assert runner.choose_precision(requested, device, bf16) == expected
 
 
+class Cuda:
+    """torch.cuda as plan_device asks it: the compute capability of each GPU, and the emulation
+    check torch.cuda.is_bf16_supported() does by default, which passes on a T4."""
+
+    def __init__(self, *capabilities: tuple[int, int]) -> None:
+        self.capabilities = capabilities
+
+    def get_device_capability(self, index: int) -> tuple[int, int]:
+        return self.capabilities[index]
+
+    def is_bf16_supported(self, including_emulation: bool = True) -> bool:
+        return including_emulation or self.capabilities[0][0] >= 8
+
+
+@pytest.mark.parametrize("gpu, capability, native", [("T4", (7, 5), False), ("V100", (7, 0), False),
+                                                     ("A10G", (8, 6), True), ("A100", (8, 0), True),
+                                                     ("H100", (9, 0), True)])
+def test_a_t4_trains_in_fp16_under_auto_though_torch_says_it_can_emulate_bf16(gpu, capability, native):
+    cuda = Cuda(capability)
+    assert cuda.is_bf16_supported()  # what the runner must not go by
+    assert runner.has_native_bf16(cuda, 0) is native
+    expected = "bfloat16" if native else "float16"
+    assert runner.choose_precision("auto", "cuda", runner.has_native_bf16(cuda, 0)) == expected
+
+
 def test_bf16_on_a_gpu_without_it_is_a_config_error():
     with pytest.raises(runner.ConfigError, match="train.precision"):
         runner.choose_precision("bf16", "cuda", False)
