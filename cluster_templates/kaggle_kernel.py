@@ -8,19 +8,24 @@ Kaggle's image before anything is installed.
     2. check the GPUs first (torch.cuda.device_count() and the name) and stop at once, with one
        clear line, when the session is not what was planned (no GPU, or a P100 where a T4 was asked);
     3. pip install the runner's pinned requirements;
-    4. run `qlora_runner.py --config job.yaml --out <working>/out --resume auto` (a new kernel
-       version continues from the newest checkpoint), its metrics echoed to the log as
+    4. seed <working>/out with the checkpoint the plan names (a new kernel version continuing a
+       run without a checkpoint store: the launcher republished the previous version's newest
+       checkpoint, with metrics.jsonl and base_eval.json, in the run's dataset);
+    5. run `qlora_runner.py --config job.yaml --out <working>/out --resume auto` (it continues from
+       the seeded checkpoint, or downloads the store's newest), its metrics echoed to the log as
        `QLORA_METRIC {json}` lines for the launcher to follow;
-    5. SIGTERM the runner stop_before_s before the session limit (it saves a checkpoint and exits
-       143), SIGKILL it if it has not exited near the limit, and write <working>/kernel_status.json.
+    6. SIGTERM the runner stop_before_s before the session ends (it saves a checkpoint and exits
+       143), SIGKILL it if it has not exited near the end, and write <working>/kernel_status.json.
+       The session ends at its limit, or sooner when the week's GPU quota left at the push
+       (SESSION, filled in per push) is shorter: then `stopped: quota`.
 
 Settings from the environment, for tests and trials off Kaggle:
     QLORA_KAGGLE_ROOT        prefix of /kaggle/input and /kaggle/working (default "/")
     QLORA_KAGGLE_SKIP_PIP=1  no pip install (the environment has the runner's packages)
     QLORA_KAGGLE_FAKE_GPUS   the GPU names this session "has", comma-separated ("" for none):
                              the check runs on these instead of torch's
-Exit codes: the runner's; 0 after a planned stop at the session limit (kernel_status.json says
-`stopped: session_limit`); 7 when the session cannot run the job (GPU, pip); 2 when the run's
+Exit codes: the runner's; 0 after a planned stop (kernel_status.json says `stopped: session_limit`
+or `stopped: quota`); 7 when the session cannot run the job (GPU, pip); 2 when the run's
 files are not found."""
 
 import glob
@@ -33,6 +38,7 @@ import threading
 import time
 
 MARKER = "__QLORA_MARKER__"  # the run's marker file name: qlora-launch-<run id>.json
+SESSION = {}  # this push's session (kernel_script fills it in): {"quota_left_s": the week's GPU time left}
 EXIT_NOT_FOUND = 2
 EXIT_ENVIRONMENT = 7  # the runner's code for "this machine cannot run the job"
 EXIT_PREEMPTED = 143  # the runner after SIGTERM: a checkpoint was saved
@@ -131,15 +137,49 @@ def echo_metrics(stop):
         stop.wait(1.0)
 
 
+def session_end(plan):
+    """(seconds from the start at which the session ends, why): its limit, or the quota left."""
+    limit_s = float(plan.get("session_limit_s") or 12 * 3600)
+    quota_s = SESSION.get("quota_left_s")
+    if quota_s is not None and float(quota_s) < limit_s:
+        return float(quota_s), "quota"
+    return limit_s, "session_limit"
+
+
+def seed(folder, plan):
+    """Put the plan's seed checkpoint (and the run's history) into OUT, unless OUT holds a newer one."""
+    chosen = plan.get("seed")
+    if not chosen:
+        return
+    step = int(chosen["step"])
+    checkpoints = os.path.join(OUT, "checkpoints")
+    have = [int(name.rsplit("-", 1)[1]) for name in (os.listdir(checkpoints) if os.path.isdir(checkpoints) else [])
+            if name.startswith("checkpoint-") and name.rsplit("-", 1)[1].isdigit()]
+    if have and max(have) >= step:
+        return
+    import shutil
+    import tarfile
+
+    os.makedirs(checkpoints, exist_ok=True)
+    with tarfile.open(os.path.join(folder, chosen["checkpoint"])) as tar:
+        tar.extractall(checkpoints, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(checkpoints)
+    for name, source in (chosen.get("history") or {}).items():
+        shutil.copy2(os.path.join(folder, source), os.path.join(OUT, name))
+    say(f"continuing from checkpoint-{step} (the previous session's)")
+
+
 def run(folder, plan):
+    end_s, reason = session_end(plan)
     limit_s = float(plan.get("session_limit_s") or 12 * 3600)
     stop_before_s = float(plan.get("stop_before_s") or 0)
-    term_at = limit_s - stop_before_s  # from the session's start (this script's)
+    term_at = max(0.0, end_s - stop_before_s)  # from the session's start (this script's)
     kill_at = term_at + stop_before_s * KILL_GRACE_S
     command = [sys.executable, os.path.join(folder, plan.get("runner", "qlora_runner.py")),
                "--config", os.path.join(folder, plan.get("config", "job.yaml")), "--out", OUT, "--resume", "auto"]
     os.makedirs(OUT, exist_ok=True)
-    say(f"running the runner; it is stopped {stop_before_s / 60:.0f} min before the {limit_s / 3600:g} h session limit")
+    ends = (f"the {limit_s / 3600:g} h session limit" if reason == "session_limit"
+            else f"the week's GPU quota runs out ({end_s / 3600:.2f} h)")
+    say(f"running the runner; it is stopped {stop_before_s / 60:.0f} min before {ends}")
     runner = subprocess.Popen(command, cwd=WORKING, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     stop = threading.Event()
     echo = threading.Thread(target=echo_metrics, args=(stop,), daemon=True)
@@ -148,9 +188,10 @@ def run(folder, plan):
     while runner.poll() is None:
         now = time.monotonic() - STARTED
         if stopped is None and now >= term_at:
-            say("the session limit is near: SIGTERM to the runner (it saves a checkpoint)")
+            say(f"the {'session limit' if reason == 'session_limit' else 'end of the GPU quota'} is near: "
+                "SIGTERM to the runner (it saves a checkpoint)")
             runner.send_signal(signal.SIGTERM)
-            stopped = "session_limit"
+            stopped = reason
         elif stopped and now >= kill_at:
             say("the runner did not stop in time: SIGKILL")
             runner.kill()
@@ -193,6 +234,7 @@ def main():
     folder, plan = find_plan()
     check_gpus(plan)
     install(folder, plan)
+    seed(folder, plan)
     run(unpack(folder, plan), plan)
 
 

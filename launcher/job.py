@@ -37,7 +37,7 @@ from launcher.distributed import topology_for
 from launcher.paths import runner_module
 from launcher.providers import provider_for_target, provider_named, renter_name
 from launcher.providers.base import (
-    LOST_STATES, Machine, MachineSpec, Need, Offer, Provider, ProviderError, Restartable,
+    LOST_STATES, Machine, MachineSpec, Need, Offer, OutOfQuota, Provider, ProviderError, Restartable,
 )
 from launcher.runs import RESUMABLE, RunRecord, RunStore, state_dir
 from launcher.workspace import Look, PrepareFailed, Workspace, WorkspaceError
@@ -65,6 +65,15 @@ class MachineLost(Exception):
     def __init__(self, state: str) -> None:
         super().__init__(state)
         self.state = state
+
+
+class SessionEnded(Exception):
+    """The target's session ended at its limit with a checkpoint saved (a Kaggle kernel's 12 h):
+    the run continues in a new session on the same machine."""
+
+    def __init__(self, seen: Look) -> None:
+        super().__init__("session limit")
+        self.seen = seen
 
 
 class Reporter(Protocol):
@@ -302,6 +311,7 @@ def drive(session: Session, reporter: Reporter) -> Outcome:
     """Follow the run to its end; a rented machine lost under it (preempted, gone) is replaced
     by the next offer and the run resumed there, unless resources.recover is false. At the end
     the rented machine is released (results are pulled by then)."""
+    resumed_from = -1  # the checkpoint the current session started from (a session must pass it)
     while True:
         try:
             outcome = follow_run(session, reporter)
@@ -309,8 +319,38 @@ def drive(session: Session, reporter: Reporter) -> Outcome:
             if not recover(session, lost.state, reporter):
                 return Outcome(session.record, session.run_dir)
             continue
+        except SessionEnded as ended:
+            resumed_from = next_session(session, ended.seen, resumed_from, reporter)
+            if resumed_from is None:
+                return Outcome(session.record, session.run_dir)
+            continue
         release(session, outcome.record.status, reporter)
         return outcome
+
+
+def next_session(session: Session, seen: Look, resumed_from: int, reporter: Reporter) -> Optional[int]:
+    """The session ended at its limit: start the runner again (a new session: a Kaggle kernel's
+    new version) from the newest checkpoint; the step it resumes from, or None when the run
+    stopped instead (the quota cannot hold another session: `stopped`, resumable)."""
+    now = time.time()
+    newest = max(seen.complete_steps, default=-1)
+    session.update(elapsed_s=session.elapsed_s(now), started_at=None, step=seen.status.get("step", session.record.step))
+    if newest <= resumed_from:
+        raise JobError(f"{session.record.target}: a whole session ended without a new checkpoint (still at "
+                       f"checkpoint-{newest}); lower train.save_every, or `launch resume {session.record.id}` "
+                       "elsewhere", EXIT_TARGET)
+    reporter.warn(f"{session.record.target}: the session reached its limit at step {seen.status.get('step')}; "
+                  f"continuing in a new session from checkpoint-{newest}")
+    try:
+        start_runner(session, reporter, resume=True)
+    except OutOfQuota as e:
+        release(session, "stopped", reporter)
+        session.update(status="stopped", exit_code=143, ended_at=now, error=str(e))
+        reporter.warn(str(e))
+        return None
+    except (WorkspaceError, PrepareFailed, JobError, ProviderError) as e:
+        raise failed_to_start(session, e, reporter) from None
+    return newest
 
 
 def recover(session: Session, state: str, reporter: Reporter, *, force: bool = False) -> bool:
@@ -416,6 +456,8 @@ def follow_run(session: Session, reporter: Reporter) -> Outcome:
         note_stored(session, seen.status)
         pull_new_checkpoints(session, seen.complete_steps, reporter)
         if not seen.running:
+            if seen.session_end == "session_limit":
+                raise SessionEnded(seen)
             if seen.exit_code != 0:
                 # Killed as its machine went down (we may look in during the shutdown): the
                 # provider tells a lost machine from a runner that died on a healthy one.
@@ -468,7 +510,7 @@ def finish(session: Session, seen: Look, reporter: Reporter, files_pulled: bool 
     end = min(now, ended) if isinstance(ended, (int, float)) and started and ended > started else now
     elapsed = session.elapsed_s(end)
     code = seen.exit_code
-    status = run_status(code)
+    status = "stopped" if seen.session_end == "quota" else run_status(code)  # resumable, nothing failed
     error = seen.status.get("error")
     if code is None:
         error = ("the runner died without an exit status (its machine rebooted, or it was killed with its wrapper); "

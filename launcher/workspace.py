@@ -53,6 +53,10 @@ class Look:
     alive: bool
     complete_steps: list[int]  # complete checkpoints there
     status: dict[str, Any]  # the runner's status.json
+    # A session that ended by the provider's clock (the runner stopped with a checkpoint first):
+    # "session_limit" -> the lifecycle continues in a new session on the same machine; "quota" ->
+    # the run stops, resumable (status.json's "error" says when the quota refreshes). None: not so.
+    session_end: Optional[str] = None
 
     @property
     def running(self) -> bool:

@@ -34,6 +34,11 @@ class CredentialsError(ProviderError):
     """The provider refuses us or has no credentials here: trying another of its offers is pointless."""
 
 
+class OutOfQuota(ProviderError):
+    """A free provider's quota is spent (Kaggle's weekly GPU hours): the run stops, resumable when
+    it refreshes or now elsewhere; the message says when and how."""
+
+
 def label_for(run_id: str) -> str:
     return f"{LABEL_PREFIX}{run_id}"
 

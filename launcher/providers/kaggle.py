@@ -20,6 +20,7 @@ What the plan says about it, and why:
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Callable, ClassVar, Optional
 
@@ -35,6 +36,7 @@ from launcher.remote import Machine, RemoteError
 
 KERNEL_TEMPLATE = CLUSTER_TEMPLATES / "kaggle_kernel.py"  # the kernel's script
 MARKER_SLOT = "__QLORA_MARKER__"
+SESSION_SLOT = "SESSION = {}"
 MACHINE_PREFIX = "kaggle:"  # a run record's machine id: kaggle:<owner>/<kernel slug>
 # The accelerators Kaggle gives script kernels for free: its machine shape -> (GPU, count, GB each).
 ACCELERATORS: dict[str, tuple[str, int, float]] = {"NvidiaTeslaT4": ("T4", 2, 16.0)}
@@ -56,7 +58,9 @@ class KaggleSettings(BaseModel):
     session_limit_h: float = Field(SESSION_LIMIT_H, gt=0, le=SESSION_LIMIT_H)  # the kernel's session timeout
     # The kernel SIGTERMs the runner this long before the session limit, so it saves a checkpoint
     # and the output is written before Kaggle ends the session.
-    stop_before_limit_minutes: float = Field(20.0, ge=1)
+    stop_before_limit_minutes: float = Field(20.0, gt=0)
+    # A kernel is pushed only when the week's GPU quota holds this much beyond the stop margin.
+    min_session_minutes: float = Field(10.0, gt=0)
     slug_prefix: str = Field("qlora-launch", pattern=r"^[a-z0-9][a-z0-9-]{0,30}$")  # <prefix>-<run id>: dataset, kernel
     internet: bool = True  # pip needs it (new accounts: phone verification first)
     dataset_ready_timeout_s: float = Field(900.0, gt=0)  # a pushed dataset version until Kaggle reads it ready
@@ -226,20 +230,23 @@ class KaggleProvider(Provider, NeedsCredentials):
         return kernel_of(machine_id)
 
     def state(self, machine: Machine) -> MachineState:
+        return STATES.get(str(self._status_name(machine)), "unknown")
+
+    def _status_name(self, machine: Machine) -> Optional[str]:
+        """The kernel's KernelWorkerStatus name; None when Kaggle does not answer for it."""
         ref = getattr(machine, "ref", None)
         if ref is None:
-            return "unknown"
+            return None
         try:
             reply = kaggle_client.guarded("the kernel's status", lambda: self.api.kernels_status(ref))
         except ProviderError:  # 401 and 403 read alike here (never pushed, or refused): not "gone"
-            return "unknown"
-        status = getattr(getattr(reply, "status", None), "name", None)
-        return STATES.get(str(status), "unknown")
+            return None
+        return getattr(getattr(reply, "status", None), "name", None)
 
     def terminate(self, machine: Machine) -> None:
         """Kaggle's API has no call that stops a running kernel: it ends by itself (the script's
         own stop before the session limit, or the session timeout). Nothing bills: nothing to do."""
-        if self.state(machine) in ("starting", "running"):
+        if self._status_name(machine) in ("QUEUED", "NEW_SCRIPT", "RUNNING"):
             self.log(f"{machine.name}: Kaggle's API cannot stop a running kernel; it ends at its session limit "
                      f"({hours_text(self.settings.session_limit_h)}), or stop it on kaggle.com (it costs nothing)")
 
@@ -257,11 +264,13 @@ def kernel_plan(run_id: str, settings: KaggleSettings) -> dict[str, Any]:
             "stop_before_s": round(settings.stop_before_limit_minutes * 60)}
 
 
-def kernel_script(run_id: str) -> str:
-    """cluster_templates/kaggle_kernel.py with the run's marker file name filled in."""
+def kernel_script(run_id: str, session: Optional[dict[str, float]] = None) -> str:
+    """cluster_templates/kaggle_kernel.py with the run's marker file name and this push's session
+    (the quota left: the script stops the runner before it runs out) filled in."""
     text = KERNEL_TEMPLATE.read_text()
-    assert MARKER_SLOT in text
-    return text.replace(MARKER_SLOT, marker_name(run_id), 1)
+    assert MARKER_SLOT in text and SESSION_SLOT in text
+    text = text.replace(MARKER_SLOT, marker_name(run_id), 1)
+    return text.replace(SESSION_SLOT, f"SESSION = {json.dumps(session or {})}", 1)
 
 
 def session_count(hours: float, settings: KaggleSettings) -> int:

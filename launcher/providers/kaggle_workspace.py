@@ -8,9 +8,15 @@ the kernel's output for fetch. No shell of ours reaches the kernel.
   versioned only when the content hash changed, then waited for until Kaggle reads it ready.
 - start: kernel-metadata.json + the script, pushed private with the GPU on, the machine shape
   explicit, internet on (pip), the dataset attached and the session timeout set; a push problem
-  (`error`, invalid sources) is one line and nothing runs.
+  (`error`, invalid sources) is one line and nothing runs. The week's GPU quota left goes into
+  the script (it stops the runner before either the session limit or the quota ends); too little
+  left for a session is OutOfQuota, before anything is pushed. A resume without a checkpoint
+  store first republishes the previous version's newest checkpoint as the dataset's seed.
+- push_checkpoint: the checkpoint (a tar) and the run's history as the dataset's seed, in a new
+  dataset version; the kernel script puts it into the session's out/ before the runner resumes.
 - look: the kernel's status; once it ended, its output (kernel_status.json, out/status.json)
-  downloaded into a cache folder here and read from there.
+  downloaded into a cache folder here and read from there; a planned stop says which end came
+  (Look.session_end: the session limit, or the quota).
 - stream: the log stream's `QLORA_METRIC` lines (the script echoes metrics.jsonl).
 - fetch: from the downloaded output into runs/<id>/."""
 
@@ -29,7 +35,7 @@ from launcher.config import LaunchConfig
 from launcher.distributed import Topology
 from launcher.paths import RUNNER_FILE, RUNNER_REQUIREMENTS, runner_module
 from launcher.providers import kaggle_client
-from launcher.providers.base import ProviderError
+from launcher.providers.base import OutOfQuota, ProviderError
 from launcher.providers.kaggle import KaggleKernel, KaggleSettings, kernel_plan, kernel_script, marker_name
 from launcher.remote import RemoteError
 from launcher.runs import state_dir
@@ -39,6 +45,7 @@ METRIC_PREFIX = "QLORA_METRIC "
 LICENSE = "CC0-1.0"
 PUSH_HINTS = {"phone": "verify your phone number at https://www.kaggle.com/settings (GPUs and internet need it)",
               "session": "Kaggle allows few GPU sessions at once: wait for the running one to end"}
+SEED_FILE = "seed.json"  # in the staged seed folder: the plan's "seed" entry
 
 
 class KaggleWorkspace(Workspace):
@@ -52,6 +59,7 @@ class KaggleWorkspace(Workspace):
         self.folder = f"{kernel.machine_id}/runs/{run_id}"
         self.staged = state_dir() / "kaggle" / run_id
         self.output = self.staged / "output"  # the kernel's output, downloaded once it ended
+        self.seed = self.staged / "seed"  # the checkpoint the next version starts from (push_checkpoint)
 
     @property
     def api(self) -> Any:
@@ -68,6 +76,7 @@ class KaggleWorkspace(Workspace):
         return "python3"
 
     def upload(self, config: LaunchConfig) -> None:
+        self.config = config
         folder = self.staged / "dataset"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -85,7 +94,16 @@ class KaggleWorkspace(Workspace):
         shutil.copy2(RUNNER_FILE, folder / RUNNER_FILE.name)
         shutil.copy2(RUNNER_REQUIREMENTS, folder / "requirements.txt")
         plan = {**kernel_plan(self.run_id, self.settings), "unpack": unpack}
+        if (self.seed / SEED_FILE).is_file():
+            plan["seed"] = json.loads((self.seed / SEED_FILE).read_text())
+            for path in self.seed.iterdir():
+                if path.name != SEED_FILE:
+                    shutil.copy2(path, folder / path.name)
         (folder / marker_name(self.run_id)).write_text(json.dumps(plan, indent=1))
+        self._publish(folder)
+
+    def _publish(self, folder: Path) -> None:
+        """The staged folder as the run's dataset: created, or a new version when its content changed."""
         digest = content_hash(folder)
         (folder / "dataset-metadata.json").write_text(json.dumps(
             {"id": self.dataset_ref, "title": f"qlora-launch run {self.run_id}"[:50], "licenses": [{"name": LICENSE}]}))
@@ -130,10 +148,13 @@ class KaggleWorkspace(Workspace):
         """Push the kernel (a new version of it on a resume: it continues from its output's checkpoint)."""
         if topology.nodes > 1:
             raise ProviderError("a Kaggle kernel is one machine: set resources.nodes to 1")
+        quota_left_s = self._quota_for_a_session()
+        if resume:
+            self._seed_from_previous_output()
         folder = self.staged / "kernel"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        (folder / "run.py").write_text(kernel_script(self.run_id))
+        (folder / "run.py").write_text(kernel_script(self.run_id, {"quota_left_s": round(quota_left_s)}))
         (folder / "kernel-metadata.json").write_text(json.dumps({
             "id": self.kernel.ref, "title": f"qlora-launch {self.run_id}"[:50], "code_file": "run.py",
             "language": "python", "kernel_type": "script", "is_private": True, "enable_gpu": True,
@@ -153,6 +174,38 @@ class KaggleWorkspace(Workspace):
                                 "to another account)")
         shutil.rmtree(self.output, ignore_errors=True)
         return int(getattr(pushed, "version_number", None) or 1)
+
+    def _quota_for_a_session(self) -> float:
+        """The week's GPU seconds left; OutOfQuota when they do not hold a session worth starting."""
+        quota = kaggle_client.quota(self.api)
+        left_s = quota.left_h * 3600
+        if left_s < (self.settings.stop_before_limit_minutes + self.settings.min_session_minutes) * 60:
+            raise OutOfQuota(f"Kaggle's weekly GPU quota is spent ({quota.used_h + quota.reserved_h:.1f} h of "
+                             f"{quota.total_h:.1f} h used): {self.quota_line(quota)}")
+        return left_s
+
+    def quota_line(self, quota: Optional[kaggle_client.Quota] = None) -> str:
+        quota = quota or kaggle_client.quota(self.api)
+        return (f"it refreshes {quota.refresh_text()}, then `launch resume {self.run_id}`; to go on now on a paid "
+                f"GPU: `launch resume {self.run_id} --providers vast`")
+
+    def _seed_from_previous_output(self) -> None:
+        """Without a store, the next version starts from what the last one left: its newest
+        checkpoint, republished (the new session's working folder starts empty)."""
+        if self.config is not None and self.config.storage.kind == "s3":
+            return  # the runner downloads the store's newest itself
+        try:
+            ended = self._status()[0] in ENDED
+        except ProviderError:
+            return  # never pushed
+        if not ended:
+            return
+        out = self._download() / "out"
+        steps = complete_steps(out / "checkpoints")
+        seeded = json.loads((self.seed / SEED_FILE).read_text())["step"] if (self.seed / SEED_FILE).is_file() else -1
+        if steps and steps[-1] > seeded:
+            history = [out / name for name in ("metrics.jsonl", "base_eval.json") if (out / name).is_file()]
+            self.push_checkpoint(out / "checkpoints" / f"checkpoint-{steps[-1]}", steps[-1], history)
 
     # ---- looking ----------------------------------------------------------------------------
 
@@ -174,24 +227,26 @@ class KaggleWorkspace(Workspace):
         name, failure = self._status()
         if name in ("QUEUED", "RUNNING", "NEW_SCRIPT", "CANCEL_REQUESTED"):
             return Look(exit_code=None, alive=True, complete_steps=[], status={"phase": f"{name.lower()} (Kaggle)"})
-        if name not in ("COMPLETE", "ERROR", "CANCEL_ACKNOWLEDGED"):
+        if name not in ENDED:
             return Look(exit_code=None, alive=False, complete_steps=[], status={"phase": f"{name or 'unknown'} (Kaggle)"})
         output = self._download()
         status = _json(output / "out" / "status.json")
         kernel = _json(output / "kernel_status.json")
         code = kernel.get("exit_code")
-        if kernel.get("stopped") == "session_limit":
-            code = 143  # a planned stop with a checkpoint: the lifecycle resumes it in a new version
+        session_end = kernel.get("stopped") if kernel.get("stopped") in ("session_limit", "quota") else None
+        if session_end:
+            code = 143  # a planned stop with a checkpoint: a new version (or `launch resume`) continues
+        if session_end == "quota":
+            status["error"] = (f"Kaggle's weekly GPU quota ran out at step {status.get('step')} (checkpoint saved); "
+                               + self.quota_line())
         if not isinstance(code, int):
             code = 0 if name == "COMPLETE" else 1
         if code and kernel.get("error"):
             status["error"] = kernel["error"]
         elif code and failure:
             status["error"] = f"Kaggle: {failure}"
-        manifest = runner_module().MANIFEST  # written last: the checkpoint is complete
-        steps = sorted(int(p.name.rsplit("-", 1)[1]) for p in (output / "out" / "checkpoints").glob("checkpoint-*")
-                       if (p / manifest).is_file())
-        return Look(exit_code=code, alive=False, complete_steps=steps, status=status)
+        return Look(exit_code=code, alive=False, complete_steps=complete_steps(output / "out" / "checkpoints"),
+                    status=status, session_end=session_end)
 
     def stream(self, name: str, *, stop: Callable[[], bool], start_line: int = 0) -> Iterator[str]:
         """The metric lines of the kernel's log stream while it runs."""
@@ -236,11 +291,34 @@ class KaggleWorkspace(Workspace):
         shutil.copytree(source, into, dirs_exist_ok=True)
 
     def push_checkpoint(self, checkpoint: Path, step: int, history: list[Path]) -> None:
-        raise RemoteError(f"{self.kernel.name}: a checkpoint goes to a Kaggle kernel as a dataset version (not built "
-                          "yet); use a checkpoint store (storage.kind: s3)")
+        """The checkpoint and the run's history as the dataset's seed (a new dataset version)."""
+        if self.config is None:
+            raise RemoteError(f"{self.kernel.name}: the run's dataset is not staged here; `launch resume` stages it")
+        staging = self.staged / "seed.new"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        tar_name = f"seed-checkpoint-{step}.tar"
+        with tarfile.open(staging / tar_name, "w") as tar:
+            tar.add(checkpoint, arcname=f"checkpoint-{step}")
+        seeded = {}
+        for path in history:
+            seeded[path.name] = f"seed-{path.name}"
+            shutil.copy2(path, staging / seeded[path.name])
+        (staging / SEED_FILE).write_text(json.dumps({"step": step, "checkpoint": tar_name, "history": seeded}))
+        shutil.rmtree(self.seed, ignore_errors=True)
+        staging.rename(self.seed)
+        self.upload(self.config)
 
     def signal(self, job: int, signal_name: str) -> None:
         """Kaggle's API cannot stop a kernel: it stops itself before its session limit."""
+
+
+ENDED = ("COMPLETE", "ERROR", "CANCEL_ACKNOWLEDGED")  # KernelWorkerStatus names of a kernel that ended
+
+
+def complete_steps(checkpoints: Path) -> list[int]:
+    manifest = runner_module().MANIFEST  # written last: the checkpoint is complete
+    return sorted(int(p.name.rsplit("-", 1)[1]) for p in checkpoints.glob("checkpoint-*") if (p / manifest).is_file())
 
 
 def content_hash(folder: Path) -> str:

@@ -76,7 +76,11 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import secrets
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -84,6 +88,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from tests.fakes.http_json import JSONHandler, Recorded
 from typing import Any, Callable, Optional
@@ -225,6 +230,65 @@ def scripted(fake: "FakeKaggle", version: KernelVersion) -> None:
         return
     version.outputs.update(fake.outputs)
     version.set_status(COMPLETE)
+
+
+class Sandbox:
+    """An executor that really runs a pushed script kernel, on the CPU, as Kaggle would: the
+    attached datasets (their newest version) under <root>/kaggle/input/datasets/<owner>/<slug>/,
+    an empty <root>/kaggle/working/ (a version's output is what it holds at the end), stdout and
+    stderr as the log; QLORA_KAGGLE_ROOT=<root> tells our kernel script the prefix, `gpus` what
+    the session "has" (QLORA_KAGGLE_FAKE_GPUS, "" for none), and pip is skipped (this Python has
+    the runner's packages). Kaggle's clocks are enforced: the version is killed (ERROR) at its
+    session timeout (the push's, in seconds, so a test scales it down), or once the week's GPU
+    quota is used up (`gpu_total_s`, counted at `quota_seconds_per_second`), or when the fake stops.
+    `kills` records each as (version ref, why)."""
+
+    def __init__(self, root: Path, gpus: str = "Tesla T4,Tesla T4") -> None:
+        self.root, self.gpus = root, gpus
+        self.kills: list[tuple[str, str]] = []
+
+    def __call__(self, fake: "FakeKaggle", version: KernelVersion) -> None:
+        root = self.root / f"{version.slug}-v{version.number}"
+        for ref in version.dataset_sources:
+            folder = root / "kaggle" / "input" / "datasets" / "/".join(ref.split("/")[:2])
+            folder.mkdir(parents=True)
+            for name, data in fake.datasets["/".join(ref.split("/")[:2])].files.items():
+                (folder / name).write_bytes(data)
+        working = root / "kaggle" / "working"
+        working.mkdir(parents=True)
+        version.set_status(RUNNING)
+        env = {**os.environ, "QLORA_KAGGLE_ROOT": str(root), "QLORA_KAGGLE_SKIP_PIP": "1",
+               "QLORA_KAGGLE_FAKE_GPUS": self.gpus}
+        proc = subprocess.Popen([sys.executable, "-c", version.script], cwd=working, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        reader = threading.Thread(target=lambda: [version.log(line) for line in proc.stdout], daemon=True)
+        reader.start()
+        killed = ""
+        while proc.poll() is None and not killed:
+            killed = self._why_kill(fake, version)
+            if killed:
+                os.killpg(proc.pid, signal.SIGKILL)
+                self.kills.append((version.ref, killed))
+            else:
+                time.sleep(0.1)
+        code = proc.wait()
+        reader.join(timeout=10)
+        version.outputs.update({str(p.relative_to(working)): p.read_bytes() for p in working.rglob("*") if p.is_file()})
+        if killed:
+            version.set_status(ERROR, killed)
+        else:
+            version.set_status(COMPLETE if code == 0 else ERROR, "" if code == 0 else f"exit code {code}")
+
+    @staticmethod
+    def _why_kill(fake: "FakeKaggle", version: KernelVersion) -> str:
+        if version.cancel.is_set():
+            return "cancelled"
+        limit = version.session_timeout_s
+        if limit and version.running_since is not None and time.monotonic() - version.running_since > limit:
+            return f"the session ran past its {limit} s limit"
+        if version.enable_gpu and fake.quota_seconds_per_second and fake.gpu_used_s() >= fake.gpu_total_s:
+            return "the weekly GPU quota is used up"
+        return ""
 
 
 def duration(seconds: float) -> str:

@@ -6,9 +6,7 @@ fetched into the run folder."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import json
 import threading
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 from launcher import config as launch_config
 from launcher.providers.base import MachineSpec, Need
 from launcher.providers.kaggle import KaggleProvider
-from tests.fakes.kaggle_api import COMPLETE, ERROR, RUNNING, FakeKaggle, KernelVersion
+from tests.fakes.kaggle_api import COMPLETE, Sandbox
 from tests.helpers import tiny_job, train_losses, uninterrupted_losses
 from tests.unit import test_kaggle_provider as provider_tests
 from tests.unit.test_kaggle_provider import USER, with_key
@@ -26,31 +24,9 @@ from tests.unit.test_kaggle_provider import USER, with_key
 fake, kaggle_home = provider_tests.fake, provider_tests.kaggle_home  # the fixtures: the fake on the real client
 
 
-def run_script(sandbox: Path, gpus: str = "Tesla T4,Tesla T4"):
-    """An executor that runs the pushed script as Kaggle would: the attached datasets under
-    kaggle/input/datasets/<owner>/<slug>/, an empty kaggle/working/, stdout as the log."""
-
-    def execute(fake: FakeKaggle, version: KernelVersion) -> None:
-        root = sandbox / f"v{version.number}"
-        for ref in version.dataset_sources:
-            folder = root / "kaggle" / "input" / "datasets" / ref
-            folder.mkdir(parents=True)
-            for name, data in fake.datasets[ref].files.items():
-                (folder / name).write_bytes(data)
-        working = root / "kaggle" / "working"
-        working.mkdir(parents=True)
-        version.set_status(RUNNING)
-        env = {**os.environ, "QLORA_KAGGLE_ROOT": str(root), "QLORA_KAGGLE_SKIP_PIP": "1",
-               "QLORA_KAGGLE_FAKE_GPUS": gpus}
-        proc = subprocess.Popen([sys.executable, "-c", version.script], cwd=working, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for line in proc.stdout:
-            version.log(line)
-        code = proc.wait()
-        version.outputs.update({str(p.relative_to(working)): p.read_bytes() for p in working.rglob("*") if p.is_file()})
-        version.set_status(COMPLETE if code == 0 else ERROR, "" if code == 0 else f"exit code {code}")
-
-    return execute
+def run_script(sandbox: Path, gpus: str = "Tesla T4,Tesla T4") -> Sandbox:
+    """The fake's executor that really runs the pushed script (kaggle_api.Sandbox)."""
+    return Sandbox(sandbox, gpus)
 
 
 def workspace(tmp_path, config_path):
@@ -137,26 +113,128 @@ def test_a_push_refused_for_phone_verification_is_one_line(fake, kaggle_home, tm
         ws.start("python3", resume=False)
 
 
-def test_launch_runs_the_tiny_job_on_the_fake_kaggle_end_to_end(fake, kaggle_home, tmp_path, monkeypatch):
-    """`launch` as a user runs it (in-process), the provider registered for this test only."""
+def launch_cli(tmp_path, *args: str) -> tuple[int, str]:
+    """`launch ARGS` as a user runs it (in-process, so the fake's client mapping holds)."""
     from rich.console import Console
 
-    from launcher import cli, providers
+    from launcher import cli
+
+    out, err = Console(width=300, record=True), Console(width=300, record=True)
+    runs_dir = ["--runs-dir", str(tmp_path / "runs")] if args[0].startswith("--") else []  # `launch` itself
+    code = cli.main([*args, *runs_dir], console=out, errors=err)
+    return code, out.export_text() + err.export_text()
+
+
+@pytest.fixture
+def on_kaggle(fake, kaggle_home, tmp_path, monkeypatch):
+    """Kaggle registered for this test only, the launcher's state under tmp_path, the key set."""
+    from launcher import providers
 
     monkeypatch.setitem(providers.PROVIDERS, KaggleProvider.name, KaggleProvider)
+    monkeypatch.setattr(launch_config, "Resources", launch_config._resources_model())  # resources.kaggle
     monkeypatch.setenv("QLORA_LAUNCH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with_key(kaggle_home)
+    return fake
+
+
+def test_launch_runs_the_tiny_job_on_the_fake_kaggle_end_to_end(on_kaggle, tmp_path):
+    fake = on_kaggle
     fake.gpu_time_used_s = 11.5 * 3600
     fake.executor = run_script(tmp_path / "sandbox")
     job = tiny_job(tmp_path / "job.yaml", train={"max_steps": 8, "save_every": 2, "eval_every": 8},
                    resources={"providers": ["kaggle"]})
-    out, err = Console(width=300, record=True), Console(width=300, record=True)
-    code = cli.main(["--config", str(job), "--yes", "--runs-dir", str(tmp_path / "runs")], console=out, errors=err)
-    text = out.export_text() + err.export_text()
+    code, text = launch_cli(tmp_path, "--config", str(job), "--yes")
     assert code == 0, text[-4000:]
     assert "18.5 h left this week" in text  # the plan's note on the free offer it chose
     (run_dir,) = list((tmp_path / "runs").iterdir())
     assert fake.rpcs().count("SaveKernel") == 1 and fake.kernel(f"{USER}/{ws_slug(run_dir)}").status == COMPLETE
     assert (run_dir / "adapter").is_dir()
     assert train_losses(run_dir) == uninterrupted_losses(job, tmp_path / "alone")
+
+
+def timed_losses(job: Path, out: Path) -> tuple[dict[int, float], float]:
+    started = time.monotonic()
+    losses = uninterrupted_losses(job, out)
+    return losses, time.monotonic() - started
+
+
+STOP_BEFORE_S = 40.0  # the kernel's stop margin in these tests: the runner's SIGTERM-to-exit fits in it
+
+
+def test_a_run_cut_by_the_session_limit_continues_in_new_versions_to_the_same_losses(on_kaggle, tmp_path):
+    """Each session ends (the script's SIGTERM) at about 0.6 of the runner's own run: the launcher
+    pulls the checkpoint, republishes it as the dataset's seed and pushes a new kernel version,
+    until done; every step trained once, the losses of an uninterrupted run."""
+    fake = on_kaggle
+    sandbox = run_script(tmp_path / "sandbox")
+    fake.executor = sandbox
+    train = {"max_steps": 120, "save_every": 4, "eval_every": 120}
+    expected, alone_s = timed_losses(tiny_job(tmp_path / "alone.yaml", train=train), tmp_path / "alone")
+    session_s = alone_s * 0.6 + STOP_BEFORE_S
+    job = tiny_job(tmp_path / "job.yaml", train=train, resources={"providers": ["kaggle"], "kaggle": {
+        "session_limit_h": session_s / 3600, "stop_before_limit_minutes": STOP_BEFORE_S / 60}})
+    code, text = launch_cli(tmp_path, "--config", str(job), "--yes")
+    assert code == 0, text[-4000:]
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    versions = fake.kernels[f"{USER}/{ws_slug(run_dir)}"]
+    assert len(versions) >= 2 and "continuing in a new session from checkpoint-" in text, text[-3000:]
+    assert sandbox.kills == []  # every session ended by the script's own stop, none by Kaggle's clock
+    assert len(fake.datasets[f"{USER}/{ws_slug(run_dir)}"].versions) == len(versions)  # one seed per new session
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert steps == sorted(set(steps)) == list(range(1, 121))
+    assert train_losses(run_dir) == pytest.approx(expected, abs=1e-5)
+    assert (run_dir / "adapter").is_dir() and fake.running() == []
+
+
+def test_the_quota_running_out_mid_run_stops_it_resumable_and_it_finishes_elsewhere(on_kaggle, tmp_path):
+    """The week's quota holds about half the run: the kernel stops the runner before it runs out
+    (a checkpoint), the run is `stopped` with when the quota refreshes and how to go on; `launch
+    resume RUN --target local` finishes it from the pulled checkpoint, to the uninterrupted losses."""
+    fake = on_kaggle
+    fake.executor = run_script(tmp_path / "sandbox")
+    train = {"max_steps": 60, "save_every": 4, "eval_every": 60}
+    expected, alone_s = timed_losses(tiny_job(tmp_path / "alone.yaml", train=train), tmp_path / "alone")
+    fake.quota_seconds_per_second = 1.0
+    fake.gpu_time_used_s = 20 * 3600.0
+    fake.gpu_total_s = fake.gpu_time_used_s + alone_s * 0.5 + STOP_BEFORE_S
+    job = tiny_job(tmp_path / "job.yaml", train=train, resources={"providers": ["kaggle"], "kaggle": {
+        "stop_before_limit_minutes": STOP_BEFORE_S / 60, "min_session_minutes": 0.05}})
+    code, text = launch_cli(tmp_path, "--config", str(job), "--yes")
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    record = launch_cli(tmp_path, "status", run_dir.name, "--json")[1]
+    assert code == 143, text[-4000:]
+    assert "quota ran out at step" in text and "launch resume" in text and "--providers vast" in text
+    assert '"status": "stopped"' in record
+    assert list(run_dir.glob("checkpoints/checkpoint-*")), "the checkpoint came home"
+    assert len(fake.kernels[f"{USER}/{ws_slug(run_dir)}"]) == 1 and fake.running() == []
+
+    code, text = launch_cli(tmp_path, "resume", run_dir.name, "--target", "local")
+    assert code == 0, text[-4000:]
+    assert train_losses(run_dir) == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_spent_quota_refuses_the_next_session_and_stops_the_run(on_kaggle, tmp_path):
+    """A session cut by its limit, and meanwhile the account's other notebooks used up the week's
+    quota: no new version is pushed; the run is stopped (resumable), not failed."""
+    fake = on_kaggle
+    sandbox = run_script(tmp_path / "sandbox")
+
+    def then_the_quota_is_gone(fake, version) -> None:
+        sandbox(fake, version)
+        fake.gpu_time_used_s = fake.gpu_total_s
+
+    fake.executor = then_the_quota_is_gone
+    train = {"max_steps": 60, "save_every": 4, "eval_every": 60}
+    _, alone_s = timed_losses(tiny_job(tmp_path / "alone.yaml", train=train), tmp_path / "alone")
+    session_s = alone_s * 0.5 + STOP_BEFORE_S
+    job = tiny_job(tmp_path / "job.yaml", train=train, resources={"providers": ["kaggle"], "kaggle": {
+        "session_limit_h": session_s / 3600, "stop_before_limit_minutes": STOP_BEFORE_S / 60}})
+    code, text = launch_cli(tmp_path, "--config", str(job), "--yes")
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    assert code == 143, text[-4000:]
+    assert "weekly GPU quota is spent" in text and "--providers vast" in text
+    assert len(fake.kernels[f"{USER}/{ws_slug(run_dir)}"]) == 1 and fake.running() == []
+    assert '"status": "stopped"' in launch_cli(tmp_path, "status", run_dir.name, "--json")[1]
+    assert list(run_dir.glob("checkpoints/checkpoint-*")), "the checkpoint came home"
