@@ -42,10 +42,10 @@ the client falls back to a key and, with none, exits. A kernel or dataset of ano
 Kernels. A push records the metadata (KernelVersion.request) and starts the version QUEUED; what
 it then does is `FakeKaggle.executor(fake, version)`, run in a thread of its own. The default,
 `scripted`, waits `queue_s`, goes RUNNING, writes `fake.log_lines` to the log one by one, waits
-`run_s`, sets `fake.outputs` (name -> bytes) as the version's output and goes COMPLETE. A test
-swaps in its own executor (one that really runs `version.script`, on the CPU, in a folder laid out
-as /kaggle/input and /kaggle/working) and drives the version through `set_status`, `log` and
-`outputs`. Output is listed `output_page_size` files a page (2 by default, whatever page size the
+`run_s`, sets `fake.outputs` (name -> bytes) as the version's output and goes COMPLETE. `Sandbox(root)`
+really runs `version.script` on the CPU in a folder laid out as /kaggle/input and /kaggle/working
+and enforces the session timeout and the weekly quota (the version killed, ERROR); a test may also
+swap in its own executor and drive the version through `set_status`, `log` and `outputs`. Output is listed `output_page_size` files a page (2 by default, whatever page size the
 client asks for) so that paging is exercised. GPU kernels add their running time, times
 `quota_seconds_per_second`, to the quota's `timeUsed`; `gpu_time_used_s`/`gpu_total_s` are the
 quota a test sets. `running()` lists the versions not finished yet: a test that leaves one fails.
