@@ -6,10 +6,13 @@ the machine running the tests are seen (boto would also ask the EC2 metadata add
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,3 +34,42 @@ def _isolate_skypilot() -> None:
 
 
 _isolate_skypilot()
+
+
+@pytest.fixture
+def kaggle_home(tmp_path, monkeypatch) -> Path:
+    """The Kaggle client's config folder (KAGGLE_CONFIG_DIR), empty: no credentials anywhere the
+    client looks (env, ~/.kaggle), no proxy between it and 127.0.0.1, its resumable-upload state
+    under tmp_path."""
+    home, config, tmp = tmp_path / "home", tmp_path / "kaggle-config", tmp_path / "tmp"
+    for folder in (home, config, tmp):
+        folder.mkdir()
+    for name in list(os.environ):
+        if name.startswith("KAGGLE_") or name.lower() in ("http_proxy", "https_proxy", "all_proxy"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(config))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    # The package's import builds a KaggleApi and authenticates (and creates its config folder):
+    # here, with nothing to find, it prints the auth help and swallows its own exit.
+    importlib.import_module("kaggle.api.kaggle_api_extended")
+    return config
+
+
+@pytest.fixture
+def kaggle_fake(kaggle_home, monkeypatch):
+    """The fake Kaggle API (tests/fakes/kaggle_api.py) for the tests' account, the real client's
+    LOCAL endpoint and our QLORA_LAUNCH_KAGGLE_URL pointed at it; a kernel left running fails the test."""
+    from kagglesdk.kaggle_env import KaggleEnv, _env_to_endpoint
+
+    from launcher.providers import kaggle_client
+    from tests.fakes.kaggle_api import KEY, TOKEN, USER, FakeKaggle
+
+    server = FakeKaggle(username=USER, key=KEY, token=TOKEN).start()
+    monkeypatch.setitem(_env_to_endpoint, KaggleEnv.LOCAL, server.url)  # restored after the test
+    monkeypatch.setenv(kaggle_client.URL_ENV, server.url)
+    yield server
+    left = server.running()
+    server.stop()
+    assert not left, f"kernels left running: {left}"

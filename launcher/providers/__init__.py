@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from launcher.providers.base import Offer, Provider, ProviderContext, ProviderError, Sweepable
+from launcher.providers.kaggle import KaggleProvider
 from launcher.providers.local import LocalProvider
 from launcher.providers.sky import SkyProvider
 from launcher.providers.ssh import SSHProvider
@@ -20,6 +21,7 @@ PROVIDERS: dict[str, type[Provider]] = {
     SSHProvider.name: SSHProvider,
     VastProvider.name: VastProvider,
     SkyProvider.name: SkyProvider,
+    KaggleProvider.name: KaggleProvider,
 }
 
 

@@ -21,7 +21,8 @@ from typing import Any, Callable, ClassVar, Literal, Optional
 
 from launcher.remote import Machine
 
-MachineState = Literal["starting", "running", "stopped", "preempted", "gone", "unknown"]
+# "idle": ready and billing nothing, running nothing of ours (a Kaggle kernel between sessions): not lost.
+MachineState = Literal["starting", "running", "idle", "stopped", "preempted", "gone", "unknown"]
 LOST_STATES = ("preempted", "gone", "stopped")  # a rented machine in these no longer runs the job
 LABEL_PREFIX = "qlora-launch:"  # every machine we rent is labelled with this and the run id
 

@@ -113,11 +113,11 @@ def kernel_of(machine_id: str) -> KaggleKernel:
 
 
 # KernelWorkerStatus names (kagglesdk/kernels/types/kernels_enums.py) as machine states. A kernel
-# that ended is not a lost machine: its end is the runner's, which the workspace's look() reads
-# (exit code, or 143 after the planned stop before the session limit); only a cancelled one is gone.
+# that ended (or was stopped on kaggle.com) is idle, not a lost machine: how the runner ended is
+# what the workspace's look() reads, and a new version can always be pushed.
 STATES: dict[str, MachineState] = {
     "QUEUED": "starting", "NEW_SCRIPT": "starting", "RUNNING": "running", "CANCEL_REQUESTED": "running",
-    "COMPLETE": "running", "ERROR": "running", "CANCEL_ACKNOWLEDGED": "gone",
+    "COMPLETE": "idle", "ERROR": "idle", "CANCEL_ACKNOWLEDGED": "idle",
 }
 
 

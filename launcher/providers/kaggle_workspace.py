@@ -239,6 +239,9 @@ class KaggleWorkspace(Workspace):
         if session_end == "quota":
             status["error"] = (f"Kaggle's weekly GPU quota ran out at step {status.get('step')} (checkpoint saved); "
                                + self.quota_line())
+        if not isinstance(code, int) and name == "CANCEL_ACKNOWLEDGED":
+            code = 130  # stopped on kaggle.com: interrupted, resumable
+            status["error"] = f"the kernel was stopped on Kaggle; `launch resume {self.run_id}` continues it"
         if not isinstance(code, int):
             code = 0 if name == "COMPLETE" else 1
         if code and kernel.get("error"):
@@ -249,16 +252,19 @@ class KaggleWorkspace(Workspace):
                     status=status, session_end=session_end)
 
     def stream(self, name: str, *, stop: Callable[[], bool], start_line: int = 0) -> Iterator[str]:
-        """The metric lines of the kernel's log stream while it runs."""
+        """The kernel's live log: its `QLORA_METRIC` lines for metrics.jsonl, the other lines for
+        any other name (runner.log: the script's and the runner's output)."""
+        metrics = name == "metrics.jsonl"
         seen = 0
         while not stop():
             try:
                 for event in self.api.kernels_logs_stream(self.kernel.ref):
                     for line in str(event.get("data", "")).splitlines():
-                        if line.startswith(METRIC_PREFIX):
-                            seen += 1
-                            if seen > start_line:
-                                yield line.removeprefix(METRIC_PREFIX)
+                        if line.startswith(METRIC_PREFIX) != metrics:
+                            continue
+                        seen += 1
+                        if seen > start_line:
+                            yield line.removeprefix(METRIC_PREFIX)
                     if stop():
                         return
             except Exception:  # noqa: BLE001  (the log is for progress; look() decides the outcome)
@@ -269,7 +275,12 @@ class KaggleWorkspace(Workspace):
 
     def read(self, name: str) -> str:
         path = self.output / "out" / name
-        return path.read_text() if path.is_file() else ""
+        if path.is_file():
+            return path.read_text()
+        if name == "runner.log":
+            return (f"{self.kernel.name}: Kaggle gives a running kernel's log only as a stream: "
+                    "`launch logs RUN -f` follows it\n")
+        return ""
 
     # ---- files ------------------------------------------------------------------------------
 

@@ -93,6 +93,15 @@ from pathlib import Path
 from tests.fakes.http_json import JSONHandler, Recorded
 from typing import Any, Callable, Optional
 
+USER, KEY, TOKEN = "tester", "key-" + "0" * 28, "KGAT_" + "1" * 32  # the tests' account
+
+
+def with_key(config: Path, key: str = KEY) -> None:
+    """The test account's legacy kaggle.json in the client's config folder (KAGGLE_CONFIG_DIR)."""
+    (config / "kaggle.json").write_text(json.dumps({"username": USER, "key": key}))
+    (config / "kaggle.json").chmod(0o600)
+
+
 # KernelWorkerStatus (kagglesdk/kernels/types/kernels_enums.py), by name as kagglesdk serialises them.
 QUEUED, RUNNING, COMPLETE, ERROR = "QUEUED", "RUNNING", "COMPLETE", "ERROR"
 CANCEL_REQUESTED, CANCEL_ACKNOWLEDGED = "CANCEL_REQUESTED", "CANCEL_ACKNOWLEDGED"

@@ -1,6 +1,6 @@
-"""The Kaggle workspace against the fake Kaggle API through the real client: the run's dataset
+"""The Kaggle workspace against the kaggle_fake Kaggle API through the real client: the run's dataset
 put (versioned only when its content changed), the kernel pushed with the plan's settings, its
-script (cluster_templates/kaggle_kernel.py) really run by the fake's executor on the CPU in a
+script (cluster_templates/kaggle_kernel.py) really run by the kaggle_fake's executor on the CPU in a
 sandbox laid out as a Kaggle session, its status looked at, its metrics streamed and its output
 fetched into the run folder."""
 
@@ -16,16 +16,12 @@ import pytest
 from launcher import config as launch_config
 from launcher.providers.base import MachineSpec, Need
 from launcher.providers.kaggle import KaggleProvider
-from tests.fakes.kaggle_api import COMPLETE, Sandbox
+from tests.fakes.kaggle_api import COMPLETE, USER, Sandbox, with_key
 from tests.helpers import tiny_job, train_losses, uninterrupted_losses
-from tests.unit import test_kaggle_provider as provider_tests
-from tests.unit.test_kaggle_provider import USER, with_key
-
-fake, kaggle_home = provider_tests.fake, provider_tests.kaggle_home  # the fixtures: the fake on the real client
 
 
 def run_script(sandbox: Path, gpus: str = "Tesla T4,Tesla T4") -> Sandbox:
-    """The fake's executor that really runs the pushed script (kaggle_api.Sandbox)."""
+    """The kaggle_fake's executor that really runs the pushed script (kaggle_api.Sandbox)."""
     return Sandbox(sandbox, gpus)
 
 
@@ -53,14 +49,14 @@ def wait_ended(ws, timeout_s: float = 300):
         time.sleep(0.3)
 
 
-def test_a_run_goes_up_as_a_dataset_runs_as_a_kernel_and_comes_back(fake, kaggle_home, tmp_path, monkeypatch):
+def test_a_run_goes_up_as_a_dataset_runs_as_a_kernel_and_comes_back(kaggle_fake, kaggle_home, tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_LAUNCH_HOME", str(tmp_path / "home"))
     with_key(kaggle_home)
     job = tiny_job(tmp_path / "job.yaml", train={"max_steps": 8, "save_every": 2, "eval_every": 8})
-    fake.executor = run_script(tmp_path / "sandbox")
+    kaggle_fake.executor = run_script(tmp_path / "sandbox")
     ws, config = workspace(tmp_path, job)
     ws.upload(config)
-    dataset = fake.datasets[f"{USER}/qlora-launch-r-ws"]
+    dataset = kaggle_fake.datasets[f"{USER}/qlora-launch-r-ws"]
     assert dataset.private and "job.yaml" in dataset.files and "qlora-launch-r-ws.json" in dataset.files
     assert any(name.endswith("-model.tar") for name in dataset.files)  # a folder asset as one tar
     ws.upload(config)
@@ -69,7 +65,7 @@ def test_a_run_goes_up_as_a_dataset_runs_as_a_kernel_and_comes_back(fake, kaggle
     streamed: list[str] = []
     done = threading.Event()
     assert ws.start("python3", resume=False) == 1
-    version = fake.kernel(f"{USER}/qlora-launch-r-ws")
+    version = kaggle_fake.kernel(f"{USER}/qlora-launch-r-ws")
     assert (version.enable_gpu, version.enable_internet, version.machine_shape) == (True, True, "NvidiaTeslaT4")
     assert version.session_timeout_s == 12 * 3600 and version.dataset_sources == [f"{USER}/qlora-launch-r-ws"]
     reader = threading.Thread(target=lambda: streamed.extend(
@@ -87,13 +83,19 @@ def test_a_run_goes_up_as_a_dataset_runs_as_a_kernel_and_comes_back(fake, kaggle
     ws.fetch_checkpoint(8, tmp_path / "ck8")
     assert any((tmp_path / "ck8").iterdir())
     assert any('"event": "train"' in line for line in streamed)
+    logged = []
+    for line in ws.stream("runner.log", stop=lambda: False):  # `launch logs -f`: the other lines
+        if not line:
+            break  # the stream of an ended kernel ends
+        logged.append(line)
+    assert "qlora-launch: GPUs: Tesla T4, Tesla T4" in logged and not any("QLORA_METRIC" in ln for ln in logged)
 
 
-def test_no_gpu_stops_the_kernel_in_seconds_and_says_so(fake, kaggle_home, tmp_path, monkeypatch):
+def test_no_gpu_stops_the_kernel_in_seconds_and_says_so(kaggle_fake, kaggle_home, tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_LAUNCH_HOME", str(tmp_path / "home"))
     with_key(kaggle_home)
     job = tiny_job(tmp_path / "job.yaml", train={"max_steps": 8})
-    fake.executor = run_script(tmp_path / "sandbox", gpus="")
+    kaggle_fake.executor = run_script(tmp_path / "sandbox", gpus="")
     ws, config = workspace(tmp_path, job)
     ws.upload(config)
     started = time.monotonic()
@@ -103,10 +105,10 @@ def test_no_gpu_stops_the_kernel_in_seconds_and_says_so(fake, kaggle_home, tmp_p
     assert seen.exit_code == 7 and "no GPU" in seen.status["error"] and "planned for 2x T4" in seen.status["error"]
 
 
-def test_a_push_refused_for_phone_verification_is_one_line(fake, kaggle_home, tmp_path, monkeypatch):
+def test_a_push_refused_for_phone_verification_is_one_line(kaggle_fake, kaggle_home, tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_LAUNCH_HOME", str(tmp_path / "home"))
     with_key(kaggle_home)
-    fake.push_error = "Phone verification is required to use GPUs"
+    kaggle_fake.push_error = "Phone verification is required to use GPUs"
     ws, config = workspace(tmp_path, tiny_job(tmp_path / "job.yaml"))
     ws.upload(config)
     with pytest.raises(Exception, match="Phone verification.*verify your phone number"):
@@ -114,7 +116,7 @@ def test_a_push_refused_for_phone_verification_is_one_line(fake, kaggle_home, tm
 
 
 def launch_cli(tmp_path, *args: str) -> tuple[int, str]:
-    """`launch ARGS` as a user runs it (in-process, so the fake's client mapping holds)."""
+    """`launch ARGS` as a user runs it (in-process, so the kaggle_fake's client mapping holds)."""
     from rich.console import Console
 
     from launcher import cli
@@ -126,29 +128,25 @@ def launch_cli(tmp_path, *args: str) -> tuple[int, str]:
 
 
 @pytest.fixture
-def on_kaggle(fake, kaggle_home, tmp_path, monkeypatch):
-    """Kaggle registered for this test only, the launcher's state under tmp_path, the key set."""
-    from launcher import providers
-
-    monkeypatch.setitem(providers.PROVIDERS, KaggleProvider.name, KaggleProvider)
-    monkeypatch.setattr(launch_config, "Resources", launch_config._resources_model())  # resources.kaggle
+def on_kaggle(kaggle_fake, kaggle_home, tmp_path, monkeypatch):
+    """The launcher's state under tmp_path, the test account's key set."""
     monkeypatch.setenv("QLORA_LAUNCH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with_key(kaggle_home)
-    return fake
+    return kaggle_fake
 
 
 def test_launch_runs_the_tiny_job_on_the_fake_kaggle_end_to_end(on_kaggle, tmp_path):
-    fake = on_kaggle
-    fake.gpu_time_used_s = 11.5 * 3600
-    fake.executor = run_script(tmp_path / "sandbox")
+    kaggle_fake = on_kaggle
+    kaggle_fake.gpu_time_used_s = 11.5 * 3600
+    kaggle_fake.executor = run_script(tmp_path / "sandbox")
     job = tiny_job(tmp_path / "job.yaml", train={"max_steps": 8, "save_every": 2, "eval_every": 8},
                    resources={"providers": ["kaggle"]})
     code, text = launch_cli(tmp_path, "--config", str(job), "--yes")
     assert code == 0, text[-4000:]
     assert "18.5 h left this week" in text  # the plan's note on the free offer it chose
     (run_dir,) = list((tmp_path / "runs").iterdir())
-    assert fake.rpcs().count("SaveKernel") == 1 and fake.kernel(f"{USER}/{ws_slug(run_dir)}").status == COMPLETE
+    assert kaggle_fake.rpcs().count("SaveKernel") == 1 and kaggle_fake.kernel(f"{USER}/{ws_slug(run_dir)}").status == COMPLETE
     assert (run_dir / "adapter").is_dir()
     assert train_losses(run_dir) == uninterrupted_losses(job, tmp_path / "alone")
 
@@ -166,9 +164,9 @@ def test_a_run_cut_by_the_session_limit_continues_in_new_versions_to_the_same_lo
     """Each session ends (the script's SIGTERM) at about 0.6 of the runner's own run: the launcher
     pulls the checkpoint, republishes it as the dataset's seed and pushes a new kernel version,
     until done; every step trained once, the losses of an uninterrupted run."""
-    fake = on_kaggle
+    kaggle_fake = on_kaggle
     sandbox = run_script(tmp_path / "sandbox")
-    fake.executor = sandbox
+    kaggle_fake.executor = sandbox
     train = {"max_steps": 120, "save_every": 4, "eval_every": 120}
     expected, alone_s = timed_losses(tiny_job(tmp_path / "alone.yaml", train=train), tmp_path / "alone")
     session_s = alone_s * 0.6 + STOP_BEFORE_S
@@ -177,28 +175,28 @@ def test_a_run_cut_by_the_session_limit_continues_in_new_versions_to_the_same_lo
     code, text = launch_cli(tmp_path, "--config", str(job), "--yes")
     assert code == 0, text[-4000:]
     (run_dir,) = list((tmp_path / "runs").iterdir())
-    versions = fake.kernels[f"{USER}/{ws_slug(run_dir)}"]
+    versions = kaggle_fake.kernels[f"{USER}/{ws_slug(run_dir)}"]
     assert len(versions) >= 2 and "continuing in a new session from checkpoint-" in text, text[-3000:]
     assert sandbox.kills == []  # every session ended by the script's own stop, none by Kaggle's clock
-    assert len(fake.datasets[f"{USER}/{ws_slug(run_dir)}"].versions) == len(versions)  # one seed per new session
+    assert len(kaggle_fake.datasets[f"{USER}/{ws_slug(run_dir)}"].versions) == len(versions)  # one seed per new session
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "train"]
     assert steps == sorted(set(steps)) == list(range(1, 121))
     assert train_losses(run_dir) == pytest.approx(expected, abs=1e-5)
-    assert (run_dir / "adapter").is_dir() and fake.running() == []
+    assert (run_dir / "adapter").is_dir() and kaggle_fake.running() == []
 
 
 def test_the_quota_running_out_mid_run_stops_it_resumable_and_it_finishes_elsewhere(on_kaggle, tmp_path):
     """The week's quota holds about half the run: the kernel stops the runner before it runs out
     (a checkpoint), the run is `stopped` with when the quota refreshes and how to go on; `launch
     resume RUN --target local` finishes it from the pulled checkpoint, to the uninterrupted losses."""
-    fake = on_kaggle
-    fake.executor = run_script(tmp_path / "sandbox")
+    kaggle_fake = on_kaggle
+    kaggle_fake.executor = run_script(tmp_path / "sandbox")
     train = {"max_steps": 60, "save_every": 4, "eval_every": 60}
     expected, alone_s = timed_losses(tiny_job(tmp_path / "alone.yaml", train=train), tmp_path / "alone")
-    fake.quota_seconds_per_second = 1.0
-    fake.gpu_time_used_s = 20 * 3600.0
-    fake.gpu_total_s = fake.gpu_time_used_s + alone_s * 0.5 + STOP_BEFORE_S
+    kaggle_fake.quota_seconds_per_second = 1.0
+    kaggle_fake.gpu_time_used_s = 20 * 3600.0
+    kaggle_fake.gpu_total_s = kaggle_fake.gpu_time_used_s + alone_s * 0.5 + STOP_BEFORE_S
     job = tiny_job(tmp_path / "job.yaml", train=train, resources={"providers": ["kaggle"], "kaggle": {
         "stop_before_limit_minutes": STOP_BEFORE_S / 60, "min_session_minutes": 0.05}})
     code, text = launch_cli(tmp_path, "--config", str(job), "--yes")
@@ -208,7 +206,7 @@ def test_the_quota_running_out_mid_run_stops_it_resumable_and_it_finishes_elsewh
     assert "quota ran out at step" in text and "launch resume" in text and "--providers vast" in text
     assert '"status": "stopped"' in record
     assert list(run_dir.glob("checkpoints/checkpoint-*")), "the checkpoint came home"
-    assert len(fake.kernels[f"{USER}/{ws_slug(run_dir)}"]) == 1 and fake.running() == []
+    assert len(kaggle_fake.kernels[f"{USER}/{ws_slug(run_dir)}"]) == 1 and kaggle_fake.running() == []
 
     code, text = launch_cli(tmp_path, "resume", run_dir.name, "--target", "local")
     assert code == 0, text[-4000:]
@@ -218,14 +216,14 @@ def test_the_quota_running_out_mid_run_stops_it_resumable_and_it_finishes_elsewh
 def test_a_spent_quota_refuses_the_next_session_and_stops_the_run(on_kaggle, tmp_path):
     """A session cut by its limit, and meanwhile the account's other notebooks used up the week's
     quota: no new version is pushed; the run is stopped (resumable), not failed."""
-    fake = on_kaggle
+    kaggle_fake = on_kaggle
     sandbox = run_script(tmp_path / "sandbox")
 
-    def then_the_quota_is_gone(fake, version) -> None:
-        sandbox(fake, version)
-        fake.gpu_time_used_s = fake.gpu_total_s
+    def then_the_quota_is_gone(kaggle_fake, version) -> None:
+        sandbox(kaggle_fake, version)
+        kaggle_fake.gpu_time_used_s = kaggle_fake.gpu_total_s
 
-    fake.executor = then_the_quota_is_gone
+    kaggle_fake.executor = then_the_quota_is_gone
     train = {"max_steps": 60, "save_every": 4, "eval_every": 60}
     _, alone_s = timed_losses(tiny_job(tmp_path / "alone.yaml", train=train), tmp_path / "alone")
     session_s = alone_s * 0.5 + STOP_BEFORE_S
@@ -235,6 +233,6 @@ def test_a_spent_quota_refuses_the_next_session_and_stops_the_run(on_kaggle, tmp
     (run_dir,) = list((tmp_path / "runs").iterdir())
     assert code == 143, text[-4000:]
     assert "weekly GPU quota is spent" in text and "--providers vast" in text
-    assert len(fake.kernels[f"{USER}/{ws_slug(run_dir)}"]) == 1 and fake.running() == []
+    assert len(kaggle_fake.kernels[f"{USER}/{ws_slug(run_dir)}"]) == 1 and kaggle_fake.running() == []
     assert '"status": "stopped"' in launch_cli(tmp_path, "status", run_dir.name, "--json")[1]
     assert list(run_dir.glob("checkpoints/checkpoint-*")), "the checkpoint came home"

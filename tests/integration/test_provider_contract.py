@@ -1,7 +1,8 @@
 """The provider contract (launcher/providers/base.py), one test run against every registered
 provider: `local`, `ssh` (the test sshd), `vast` (VastProvider over the fake Vast.ai API, whose
 instances are real sshd's), `sky` (SkyProvider over a stand-in of SkyPilot's SDK whose clusters
-are real sshd's: tests/fakes/sky_sdk.py) and the in-memory provider of the lifecycle's tests.
+are real sshd's: tests/fakes/sky_sdk.py), `kaggle` (KaggleProvider over the fake Kaggle API
+through the real client: a kernel, no shell) and the in-memory provider of the lifecycle's tests.
 
 For each: offers have the Offer shape and units; provision returns a Provisioned whose machine_id
 reconnect() finds again; state says running for a live machine and never raises for a vanished
@@ -13,6 +14,7 @@ Vast.ai and the memory cloud end every test with no machine alive."""
 from __future__ import annotations
 
 import getpass
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -37,7 +39,7 @@ from tests.helpers import ROOT
 from tests.sshd import SSHServer, free_port, keygen
 
 CATALOG = ROOT / "catalogs" / "v8" / "vast" / "vms.csv"
-MACHINE_STATES = ("starting", "running", "stopped", "preempted", "gone", "unknown")
+MACHINE_STATES = ("starting", "running", "idle", "stopped", "preempted", "gone", "unknown")
 
 
 @dataclass
@@ -54,6 +56,12 @@ class Contract:
     answers: Callable[[Machine], bool]
     # What the provider bills for, as its fake counts it (nothing billed after a test); None: own boxes.
     alive: Optional[Callable[[], list]] = None
+    # A machine that is only a name until its workspace starts something there (a Kaggle kernel:
+    # the workspace's start pushes it): make it run. None: provision brings it up.
+    bring_up: Optional[Callable[[Provisioned], None]] = None
+    # The provider has no call that ends the machine (Kaggle: a kernel ends by itself, and bills
+    # nothing): after terminate it must have ended within this many seconds. None: terminate ends it.
+    ends_by_itself_s: Optional[float] = None
 
 
 def shell_answers(machine: Machine) -> bool:
@@ -141,10 +149,52 @@ def memory_contract(tmp_path, monkeypatch) -> Contract:
     assert cloud.alive() == [], f"memory machines still alive at the end of the test: {cloud.alive()}"
 
 
+@pytest.fixture
+def kaggle_contract(tmp_path, monkeypatch, kaggle_fake, kaggle_home) -> Contract:
+    from tests.fakes.kaggle_api import with_key
+
+    monkeypatch.setenv("QLORA_LAUNCH_HOME", str(tmp_path / "home"))
+    with_key(kaggle_home)
+    kaggle_fake.run_s = 5.0  # the pushed kernel runs this long, then ends by itself
+    provider = provider_named("kaggle")
+
+    def bring_up(provisioned: Provisioned) -> None:
+        kernel = provisioned.machine
+        folder = tmp_path / "kernel"
+        folder.mkdir(exist_ok=True)
+        (folder / "run.py").write_text("print('contract')\n")
+        (folder / "kernel-metadata.json").write_text(json.dumps({
+            "id": kernel.ref, "title": "contract", "code_file": "run.py", "language": "python",
+            "kernel_type": "script", "is_private": True, "enable_gpu": True, "enable_internet": False}))
+        provider.api.kernels_push(str(folder))
+        wait_until(lambda: provider.state(kernel) == "running", 10)
+
+    def vanish(provisioned: Provisioned) -> Machine:
+        kaggle_fake.wait_finished()
+        kaggle_fake.kernels.pop(provisioned.machine.ref)  # deleted on kaggle.com
+        return provisioned.machine
+
+    def answers(machine: Machine) -> bool:  # no shell: the kernel runs
+        return provider.state(machine) == "running"
+
+    def alive() -> list[str]:
+        return [f"kaggle:{ref.rsplit('/', 1)[0]}" for ref in kaggle_fake.running()]
+
+    yield Contract(provider, spec_for(tmp_path, "contract-kaggle"), Need(), vanish, answers, alive,
+                   bring_up=bring_up, ends_by_itself_s=20.0)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not so after {timeout_s} s"
+        time.sleep(0.05)
+
+
 # The registry's names, each with the fixture that puts it under the contract; `memory` is the
 # lifecycle tests' fake (registered by those tests), held to the same contract.
 CONTRACT_FIXTURES = {"local": "local_contract", "ssh": "ssh_contract", "vast": "vast_contract",
-                     "sky": "sky_contract", "memory": "memory_contract"}
+                     "sky": "sky_contract", "kaggle": "kaggle_contract", "memory": "memory_contract"}
 CLASSES = {**PROVIDERS, "memory": MemoryProvider}
 SWEEPABLE = [name for name in CONTRACT_FIXTURES if issubclass(CLASSES[name], Sweepable)]
 
@@ -171,6 +221,8 @@ def provision(contract: Contract) -> Provisioned:
     before = time.time()
     rented = contract.provider.provision(first_offer(contract), contract.spec)
     after = time.time()
+    if contract.bring_up is not None:
+        contract.bring_up(rented)
     assert isinstance(rented, Provisioned) and isinstance(rented.machine, Machine)
     assert isinstance(rented.machine_id, str) and rented.machine_id
     assert isinstance(rented.usd_per_hour, float) and rented.usd_per_hour >= 0
@@ -213,6 +265,8 @@ def test_provision_returns_what_reconnect_finds_and_terminate_is_idempotent(cont
     provider.terminate(again)
     provider.terminate(rented.machine)  # twice (and through another handle) is fine
     if provider.rents_machines:
+        if contract.ends_by_itself_s is not None:
+            wait_until(lambda: provider.state(rented.machine) not in ("running", "starting"), contract.ends_by_itself_s)
         assert provider.state(rented.machine) not in ("running", "starting")  # we no longer pay for it
         assert rented.machine_id not in (contract.alive() if contract.alive else [])
     else:

@@ -1,14 +1,11 @@
-"""The Kaggle provider's client seam, offer and plan, against the fake Kaggle API through the REAL
+"""The Kaggle provider's client seam, offer and plan, against the kaggle_fake Kaggle API through the REAL
 kaggle client (tests/fakes/kaggle_api.py), reached with QLORA_LAUNCH_KAGGLE_URL as a user would.
 HOME, KAGGLE_CONFIG_DIR and the client's upload folder are the test's own; no secret is printed."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -17,50 +14,20 @@ from launcher import offers
 from launcher.providers import kaggle_client
 from launcher.providers.base import MachineSpec, Need, Offer, ProviderError
 from launcher.providers.kaggle import KaggleProvider, KaggleSettings, session_count
-from tests.fakes.kaggle_api import FakeKaggle
+from tests.fakes.kaggle_api import TOKEN, USER, with_key
 from tests.helpers import ROOT
 
-USER, KEY, TOKEN = "tester", "key-" + "0" * 28, "KGAT_" + "1" * 32
 
 
-@pytest.fixture
-def kaggle_home(tmp_path, monkeypatch) -> Path:
-    """No credentials anywhere the client looks, no proxy in front of 127.0.0.1."""
-    home, config, tmp = tmp_path / "home", tmp_path / "kaggle-config", tmp_path / "tmp"
-    for folder in (home, config, tmp):
-        folder.mkdir()
-    for name in list(os.environ):
-        if name.startswith("KAGGLE_") or name.lower() in ("http_proxy", "https_proxy", "all_proxy"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(config))
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    return config
 
 
-@pytest.fixture
-def fake(kaggle_home, monkeypatch):
-    from kagglesdk.kaggle_env import KaggleEnv, _env_to_endpoint
 
-    server = FakeKaggle(username=USER, key=KEY, token=TOKEN).start()
-    monkeypatch.setitem(_env_to_endpoint, KaggleEnv.LOCAL, server.url)  # restored after the test
-    monkeypatch.setenv(kaggle_client.URL_ENV, server.url)
-    yield server
-    left = server.running()
-    server.stop()
-    assert not left, f"kernels left running: {left}"
-
-
-def with_key(config: Path, key: str = KEY) -> None:
-    (config / "kaggle.json").write_text(json.dumps({"username": USER, "key": key}))
-    (config / "kaggle.json").chmod(0o600)
 
 
 # ---- credentials and the client ---------------------------------------------------------------
 
 
-def test_no_credentials_is_one_line_saying_where_it_looked_and_how_to_set_them(fake, kaggle_home, capsys):
+def test_no_credentials_is_one_line_saying_where_it_looked_and_how_to_set_them(kaggle_fake, kaggle_home, capsys):
     found = KaggleProvider.availability()
     assert not found.usable and "KAGGLE_API_TOKEN" in found.detail and str(kaggle_home / "kaggle.json") in found.detail
     assert "access_token" in found.fix and "KAGGLE_USERNAME" in found.fix
@@ -69,7 +36,7 @@ def test_no_credentials_is_one_line_saying_where_it_looked_and_how_to_set_them(f
         kaggle_client.connect()  # the client's exit(1), caught
     assert "\n" not in str(error.value) and "no Kaggle credentials here" in str(error.value)
     assert "Authentication required" not in capsys.readouterr().out  # the client's help stays quiet
-    assert fake.requests == []
+    assert kaggle_fake.requests == []
 
 
 def test_a_missing_kaggle_extra_says_how_to_install_it(monkeypatch):
@@ -81,7 +48,7 @@ def test_a_missing_kaggle_extra_says_how_to_install_it(monkeypatch):
         kaggle_client.connect()
 
 
-def test_a_refused_key_is_one_clear_line(fake, kaggle_home):
+def test_a_refused_key_is_one_clear_line(kaggle_fake, kaggle_home):
     with_key(kaggle_home, "not-the-key")
     assert KaggleProvider.availability().usable  # a key is only checked by a call
     with pytest.raises(kaggle_client.KaggleCredentialsError) as error:
@@ -90,14 +57,14 @@ def test_a_refused_key_is_one_clear_line(fake, kaggle_home):
     assert "refused the credentials" in text and "not-the-key" not in text and "\n" not in text
 
 
-def test_an_access_token_reaches_the_fake_through_the_documented_url(fake, kaggle_home, monkeypatch, capsys):
+def test_an_access_token_reaches_the_fake_through_the_documented_url(kaggle_fake, kaggle_home, monkeypatch, capsys):
     monkeypatch.setenv("KAGGLE_API_TOKEN", TOKEN)
     assert KaggleProvider.availability().detail == "an access token from KAGGLE_API_TOKEN"
-    fake.gpu_time_used_s, fake.gpu_total_s = 11.5 * 3600, 30 * 3600
+    kaggle_fake.gpu_time_used_s, kaggle_fake.gpu_total_s = 11.5 * 3600, 30 * 3600
     provider = KaggleProvider()
     quota = provider.quota()
     assert (quota.used_h, quota.total_h, quota.left_h) == (11.5, 30.0, 18.5) and quota.refresh_at is not None
-    assert fake.rpcs() == ["IntrospectToken", "GetAcceleratorQuotaStatistics"]
+    assert kaggle_fake.rpcs() == ["IntrospectToken", "GetAcceleratorQuotaStatistics"]
     assert provider.username == USER
     out = capsys.readouterr()
     assert TOKEN not in out.out + out.err
@@ -106,9 +73,9 @@ def test_an_access_token_reaches_the_fake_through_the_documented_url(fake, kaggl
 # ---- the offer ----------------------------------------------------------------------------------
 
 
-def test_the_one_offer_is_t4_x2_free_interruptible_with_the_quota_left(fake, kaggle_home):
+def test_the_one_offer_is_t4_x2_free_interruptible_with_the_quota_left(kaggle_fake, kaggle_home):
     with_key(kaggle_home)
-    fake.gpu_time_used_s = 11.5 * 3600
+    kaggle_fake.gpu_time_used_s = 11.5 * 3600
     [offer] = KaggleProvider().offers(Need())
     assert (offer.provider, offer.gpu, offer.gpu_count, offer.vram_gb) == ("kaggle", "T4", 2, 16.0)
     assert (offer.usd_per_hour, offer.interruptible, offer.instance_type) == (0.0, True, "NvidiaTeslaT4")
@@ -117,7 +84,7 @@ def test_the_one_offer_is_t4_x2_free_interruptible_with_the_quota_left(fake, kag
 
 @pytest.mark.parametrize("need", [Need(gpu="A100"), Need(gpu_count=4), Need(interruptible=False),
                                   Need(min_vram_gb=40)])
-def test_a_need_kaggle_cannot_meet_gets_no_offer(fake, kaggle_home, need):
+def test_a_need_kaggle_cannot_meet_gets_no_offer(kaggle_fake, kaggle_home, need):
     with_key(kaggle_home)
     assert KaggleProvider().offers(need) == []
     assert KaggleProvider().offers(Need(gpu="Tesla T4", gpu_count=2, min_vram_gb=20))  # what it can
@@ -131,16 +98,16 @@ def test_p100_is_retired_and_never_offered():
     assert KaggleSettings().slug("20261202-1650-Ab_c") == "qlora-launch-20261202-1650-ab-c"
 
 
-def test_an_empty_quota_fails_before_anything_is_pushed(fake, kaggle_home, tmp_path):
+def test_an_empty_quota_fails_before_anything_is_pushed(kaggle_fake, kaggle_home, tmp_path):
     with_key(kaggle_home)
-    fake.gpu_time_used_s = fake.gpu_total_s
+    kaggle_fake.gpu_time_used_s = kaggle_fake.gpu_total_s
     spec = MachineSpec(run_id="r1", known_hosts=tmp_path / "kh", control_dir=tmp_path)
     with pytest.raises(ProviderError, match="no weekly GPU quota left; it refreshes .*--providers vast"):
         KaggleProvider().provision(KaggleProvider().offers(Need())[0], spec)
-    assert not {"SaveKernel", "CreateDataset", "StartBlobUpload"} & set(fake.rpcs())
+    assert not {"SaveKernel", "CreateDataset", "StartBlobUpload"} & set(kaggle_fake.rpcs())
 
 
-def test_provision_names_the_kernel_and_state_reads_its_status(fake, kaggle_home, tmp_path):
+def test_provision_names_the_kernel_and_state_reads_its_status(kaggle_fake, kaggle_home, tmp_path):
     with_key(kaggle_home)
     provider = KaggleProvider()
     spec = MachineSpec(run_id="r1", known_hosts=tmp_path / "kh", control_dir=tmp_path)
@@ -155,8 +122,8 @@ def test_provision_names_the_kernel_and_state_reads_its_status(fake, kaggle_home
         "id": kernel.ref, "title": "qlora run r1", "code_file": "run.py", "language": "python",
         "kernel_type": "script", "is_private": True, "enable_gpu": True, "enable_internet": True}))
     provider.api.kernels_push(str(folder))
-    fake.wait_finished()
-    assert provider.state(kernel) == "running"  # ended, not lost: look() reads how the runner ended
+    kaggle_fake.wait_finished()
+    assert provider.state(kernel) == "idle"  # ended, not lost: look() reads how the runner ended
 
 
 # ---- the plan -----------------------------------------------------------------------------------
