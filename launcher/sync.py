@@ -92,9 +92,10 @@ def sync_assets(machine: Machine, workdir: str, assets: list[Asset]) -> dict[str
     return placed
 
 
-def remote_config(config: LaunchConfig, placed: dict[str, str]) -> str:
-    """The job YAML for the target: the user's file with local paths replaced by remote ones."""
-    raw: dict[str, Any] = copy.deepcopy(config.raw)
+def remote_config(config: LaunchConfig, placed: dict[str, str], without: tuple[str, ...] = ()) -> str:
+    """The job YAML for the target: the user's file with local paths replaced by remote ones
+    (and the top-level sections `without` names left out)."""
+    raw: dict[str, Any] = {k: v for k, v in copy.deepcopy(config.raw).items() if k not in without}
     for key, remote_path in placed.items():
         section, name = key.split(".")
         raw[section][name] = remote_path

@@ -10,8 +10,9 @@ the kernel's output for fetch. No shell of ours reaches the kernel.
   explicit, internet on (pip), the dataset attached and the session timeout set; a push problem
   (`error`, invalid sources) is one line and nothing runs. The week's GPU quota left goes into
   the script (it stops the runner before either the session limit or the quota ends); too little
-  left for a session is OutOfQuota, before anything is pushed. A resume without a checkpoint
-  store first republishes the previous version's newest checkpoint as the dataset's seed.
+  left for a session is OutOfQuota, before anything is pushed. A resume first republishes the
+  previous version's newest checkpoint as the dataset's seed. The config's store is not used in
+  the kernel (Kaggle's API gives a kernel no secrets, and keys never go into a dataset).
 - push_checkpoint: the checkpoint (a tar) and the run's history as the dataset's seed, in a new
   dataset version; the kernel script puts it into the session's out/ before the runner resumes.
 - look: the kernel's status; once it ended, its output (kernel_status.json, out/status.json)
@@ -90,7 +91,9 @@ class KaggleWorkspace(Workspace):
             else:
                 shutil.copy2(asset.local, folder / name)
             placed[asset.key] = name  # relative to job.yaml: the runner resolves it from there
-        (folder / REMOTE_CONFIG).write_text(sync.remote_config(config, placed))
+        # No store inside a kernel: Kaggle's API gives a kernel no secrets, and keys never go into a
+        # dataset. A new version continues from the previous one's output instead (its seed).
+        (folder / REMOTE_CONFIG).write_text(sync.remote_config(config, placed, without=("storage",)))
         shutil.copy2(RUNNER_FILE, folder / RUNNER_FILE.name)
         shutil.copy2(RUNNER_REQUIREMENTS, folder / "requirements.txt")
         plan = {**kernel_plan(self.run_id, self.settings), "unpack": unpack}
@@ -190,10 +193,8 @@ class KaggleWorkspace(Workspace):
                 f"GPU: `launch resume {self.run_id} --providers vast`")
 
     def _seed_from_previous_output(self) -> None:
-        """Without a store, the next version starts from what the last one left: its newest
-        checkpoint, republished (the new session's working folder starts empty)."""
-        if self.config is not None and self.config.storage.kind == "s3":
-            return  # the runner downloads the store's newest itself
+        """The next version starts from what the last one left: its newest checkpoint,
+        republished (the new session's working folder starts empty)."""
         try:
             ended = self._status()[0] in ENDED
         except ProviderError:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from launcher import config as launch_config
 from launcher.providers.base import MachineSpec, Need
@@ -89,6 +90,23 @@ def test_a_run_goes_up_as_a_dataset_runs_as_a_kernel_and_comes_back(kaggle_fake,
             break  # the stream of an ended kernel ends
         logged.append(line)
     assert "qlora-launch: GPUs: Tesla T4, Tesla T4" in logged and not any("QLORA_METRIC" in ln for ln in logged)
+
+
+def test_the_kernel_gets_no_store_and_no_key_in_its_dataset(kaggle_fake, kaggle_home, tmp_path, monkeypatch):
+    """Kaggle has no secret channel to a kernel: the job goes up without its `storage` section,
+    and the store's keys (set here, as the launcher would read them) are in no file of the dataset."""
+    monkeypatch.setenv("QLORA_LAUNCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STORE_KEY_ID", "AKIA-KAGGLE-TEST-ID")
+    monkeypatch.setenv("STORE_SECRET", "kaggle-test-secret-value")
+    with_key(kaggle_home)
+    job = tiny_job(tmp_path / "job.yaml", storage={"kind": "s3", "bucket": "runs", "endpoint_url": "http://127.0.0.1:9",
+                                                    "access_key_env": "STORE_KEY_ID", "secret_key_env": "STORE_SECRET"})
+    ws, config = workspace(tmp_path, job)
+    ws.upload(config)
+    files = kaggle_fake.datasets[f"{USER}/qlora-launch-r-ws"].files
+    assert "storage" not in yaml.safe_load(files["job.yaml"].decode())
+    for name, data in files.items():
+        assert b"AKIA-KAGGLE-TEST-ID" not in data and b"kaggle-test-secret-value" not in data, name
 
 
 def test_no_gpu_stops_the_kernel_in_seconds_and_says_so(kaggle_fake, kaggle_home, tmp_path, monkeypatch):
