@@ -807,7 +807,7 @@ def down(session: Session, reporter: Reporter) -> RunRecord:
     lost = check_rented(session, reporter)
     if session.workspace is not None and not lost:
         seen = _look_or_fail(session)
-        if seen.running and session.record.pid:
+        if seen.running and session.record.pid and session.ws.stoppable:
             reporter.phase("stopping the runner (it saves a checkpoint first)")
             seen = stop_with_grace(session.ws, session.record.pid, STOP_GRACE_S)
         note_stored(session, seen.status)

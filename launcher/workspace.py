@@ -67,6 +67,9 @@ class Workspace(ABC):
     """One run's folder on its target. `folder` is what the run record keeps to reopen it."""
 
     folder: str
+    # Whether signal() reaches the runner (`launch down` waits for its checkpoint). False: the
+    # target has no way to stop it (a Kaggle kernel ends by itself).
+    stoppable: bool = True
 
     @abstractmethod
     def prepare(self, config: LaunchConfig) -> str:

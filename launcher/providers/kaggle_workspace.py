@@ -50,6 +50,7 @@ SEED_FILE = "seed.json"  # in the staged seed folder: the plan's "seed" entry
 
 
 class KaggleWorkspace(Workspace):
+    stoppable = False  # Kaggle's API has no call that stops a running kernel
     def __init__(self, api: Callable[[], Any], kernel: KaggleKernel, run_id: str, settings: KaggleSettings,
                  config: Optional[LaunchConfig]) -> None:
         self._api = api
@@ -216,6 +217,7 @@ class KaggleWorkspace(Workspace):
         return name, getattr(reply, "failure_message", "") or ""
 
     def _download(self) -> Path:
+        """The ended kernel's output, downloaded once (the caller knows it ended)."""
         if not (self.output / ".complete").is_file():
             shutil.rmtree(self.output, ignore_errors=True)
             self.output.mkdir(parents=True)
@@ -285,8 +287,16 @@ class KaggleWorkspace(Workspace):
 
     # ---- files ------------------------------------------------------------------------------
 
+    def _ended_output(self) -> Optional[Path]:
+        """out/ of the kernel's output once it ended; None while it runs (nothing final yet)."""
+        if (self.output / ".complete").is_file():
+            return self.output / "out"
+        return self._download() / "out" if self._status()[0] in ENDED else None
+
     def fetch_results(self, local_dir: Path) -> None:
-        out = self._download() / "out"
+        out = self._ended_output()
+        if out is None:
+            return
         for path in out.iterdir() if out.is_dir() else []:
             if path.name == "checkpoints":
                 continue
@@ -297,8 +307,9 @@ class KaggleWorkspace(Workspace):
                 shutil.copy2(path, target)
 
     def fetch_checkpoint(self, step: int, into: Path) -> None:
-        source = self._download() / "out" / "checkpoints" / f"checkpoint-{step}"
-        if not source.is_dir():
+        out = self._ended_output()
+        source = out / "checkpoints" / f"checkpoint-{step}" if out is not None else None
+        if source is None or not source.is_dir():
             raise RemoteError(f"{self.kernel.name}: checkpoint-{step} is not in the kernel's output")
         shutil.copytree(source, into, dirs_exist_ok=True)
 

@@ -17,7 +17,7 @@ import yaml
 from launcher import config as launch_config
 from launcher.providers.base import MachineSpec, Need
 from launcher.providers.kaggle import KaggleProvider
-from tests.fakes.kaggle_api import COMPLETE, USER, Sandbox, with_key
+from tests.fakes.kaggle_api import COMPLETE, KEY, USER, Sandbox, with_key
 from tests.helpers import tiny_job, train_losses, uninterrupted_losses
 
 
@@ -167,6 +167,14 @@ def test_launch_runs_the_tiny_job_on_the_fake_kaggle_end_to_end(on_kaggle, tmp_p
     assert kaggle_fake.rpcs().count("SaveKernel") == 1 and kaggle_fake.kernel(f"{USER}/{ws_slug(run_dir)}").status == COMPLETE
     assert (run_dir / "adapter").is_dir()
     assert train_losses(run_dir) == uninterrupted_losses(job, tmp_path / "alone")
+    # The account's key: in no output, no file of the run folder or the launcher's state, nothing sent up.
+    assert KEY not in text
+    for folder in (run_dir, tmp_path / "home"):
+        for path in folder.rglob("*"):
+            assert not path.is_file() or KEY.encode() not in path.read_bytes(), path
+    sent = [data for dataset in kaggle_fake.datasets.values() for data in dataset.files.values()]
+    assert sent and not any(KEY.encode() in data for data in sent)
+    assert not any(KEY in version.script for versions in kaggle_fake.kernels.values() for version in versions)
 
 
 def timed_losses(job: Path, out: Path) -> tuple[dict[int, float], float]:
@@ -254,3 +262,26 @@ def test_a_spent_quota_refuses_the_next_session_and_stops_the_run(on_kaggle, tmp
     assert len(kaggle_fake.kernels[f"{USER}/{ws_slug(run_dir)}"]) == 1 and kaggle_fake.running() == []
     assert '"status": "stopped"' in launch_cli(tmp_path, "status", run_dir.name, "--json")[1]
     assert list(run_dir.glob("checkpoints/checkpoint-*")), "the checkpoint came home"
+
+
+def test_down_on_a_running_kernel_says_it_cannot_stop_it_and_attach_finishes_the_run(on_kaggle, tmp_path):
+    """`launch down` cannot stop a kernel (no such call): it returns at once, says so, and the run is
+    stopped; the kernel ends by itself, and `launch resume` then finds it ended and takes its results."""
+    kaggle_fake = on_kaggle
+    kaggle_fake.executor = run_script(tmp_path / "sandbox")
+    job = tiny_job(tmp_path / "job.yaml", train={"max_steps": 30, "save_every": 5, "eval_every": 30},
+                   resources={"providers": ["kaggle"]})
+    code, text = launch_cli(tmp_path, "--config", str(job), "--yes", "--detach")
+    assert code == 0, text[-3000:]
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    started = time.monotonic()
+    code, text = launch_cli(tmp_path, "down", run_dir.name)
+    assert code == 0 and time.monotonic() - started < 30, text[-3000:]
+    assert "cannot stop a running kernel" in text
+    assert '"status": "stopped"' in launch_cli(tmp_path, "status", run_dir.name, "--json")[1]
+    kaggle_fake.wait_finished(180)
+    assert kaggle_fake.running() == []
+    code, text = launch_cli(tmp_path, "resume", run_dir.name)
+    assert code == 0, text[-3000:]
+    assert (run_dir / "adapter").is_dir() and len(kaggle_fake.kernels[f"{USER}/{ws_slug(run_dir)}"]) == 1
+    assert train_losses(run_dir) == uninterrupted_losses(job, tmp_path / "alone")
