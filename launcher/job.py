@@ -336,21 +336,25 @@ def next_session(session: Session, seen: Look, resumed_from: int, reporter: Repo
     newest = max(seen.complete_steps, default=-1)
     session.update(elapsed_s=session.elapsed_s(now), started_at=None, step=seen.status.get("step", session.record.step))
     if newest <= resumed_from:
-        raise JobError(f"{session.record.target}: a whole session ended without a new checkpoint (still at "
-                       f"checkpoint-{newest}); lower train.save_every, or `launch resume {session.record.id}` "
-                       "elsewhere", EXIT_TARGET)
+        return stop_between_sessions(session, reporter, now, (
+            f"{session.record.target}: a whole session ended without a new checkpoint (still at checkpoint-{newest}); "
+            f"lower train.save_every, then `launch resume {session.record.id}`"))
     reporter.warn(f"{session.record.target}: the session reached its limit at step {seen.status.get('step')}; "
                   f"continuing in a new session from checkpoint-{newest}")
     try:
         start_runner(session, reporter, resume=True)
     except OutOfQuota as e:
-        release(session, "stopped", reporter)
-        session.update(status="stopped", exit_code=143, ended_at=now, error=str(e))
-        reporter.warn(str(e))
-        return None
+        return stop_between_sessions(session, reporter, now, str(e))
     except (WorkspaceError, PrepareFailed, JobError, ProviderError) as e:
         raise failed_to_start(session, e, reporter) from None
     return newest
+
+
+def stop_between_sessions(session: Session, reporter: Reporter, when: float, why: str) -> None:
+    """No next session: the run is `stopped` (resumable, its checkpoint here), and says why."""
+    release(session, "stopped", reporter)
+    session.update(status="stopped", exit_code=143, ended_at=when, error=why)
+    reporter.warn(why)
 
 
 def recover(session: Session, state: str, reporter: Reporter, *, force: bool = False) -> bool:
@@ -686,6 +690,9 @@ def resume(session: Session, reporter: Reporter) -> Outcome:
                 return finish_and_release(session, seen, reporter)
         session.open_workspace(fresh=True)
         start_runner(session, reporter, resume=True)
+    except OutOfQuota as e:
+        session.update(status="stopped", error=str(e))
+        raise JobError(str(e), EXIT_TARGET) from None
     except WorkspaceError as e:
         raise JobError(str(e), EXIT_TARGET) from None
     except PrepareFailed as e:
