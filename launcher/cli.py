@@ -209,17 +209,21 @@ def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, erro
     config = load_config(config_path, overrides)
     renting = config.resources.target is None and wants_a_rented_machine(config)
     refuse_unused_market_flags(config, args, renting)
+    # What this machine can check costs nothing and comes first: no run record for a typo. The
+    # plan counts the examples' lengths, so the data is read before planning.
     report = PreflightReport()
     plan = None
-    if renting:  # the plan counts the examples' lengths: the tools and the data are checked first
+    if renting:
         check_tools(report, needs_ssh=True)
         check_provider_settings(report, config)
-        check_data(report, config)
-        if report.errors:
-            return _print_errors(errors, report)
+    check_data(report, config)
+    check_model(report, config, runs_here=not renting and (config.resources.target or "local") == "local")
+    if report.errors:
+        return _print_errors(errors, report)
+    if renting:
         plan = plan_rental(config, store, errors, report.example_tokens)
     session = _create_session(config, args, store, plan)
-    report = preflight(config, session, report if renting else None)
+    report = preflight(config, session, report, tools_checked=renting)
     for finding in report.findings:
         if finding.level == "warning" and not args.json:
             errors.print(f"[yellow]warning:[/] {finding.message}", highlight=False)
@@ -297,13 +301,12 @@ def _create_session(config: LaunchConfig, args: argparse.Namespace, store: RunSt
         raise UsageError(str(e)) from None
 
 
-def preflight(config: LaunchConfig, session: job.Session, report: Optional[PreflightReport] = None) -> PreflightReport:
-    """Every check before anything costs; `report`: the tools and data checked already (a rented launch)."""
-    if report is None:
-        report = PreflightReport()
+def preflight(config: LaunchConfig, session: job.Session, report: PreflightReport,
+              tools_checked: bool) -> PreflightReport:
+    """The rest of the checks before anything costs; `report` holds the data and model checked
+    here already (and the tools, for a rented launch: `tools_checked`)."""
+    if not tools_checked:
         check_tools(report, needs_ssh=not (session.machine is not None and session.machine.is_this_machine))
-        check_data(report, config)
-    check_model(report, config)
     check_storage(report, config)
     if not report.errors and session.machine is not None:  # touch the target only when all is right here
         workdir = config.resources.workdir or session.provider.default_workdir()

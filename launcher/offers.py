@@ -323,13 +323,30 @@ def no_fit_message(rows: list[PlannedOffer], need: JobNeed) -> str:
         return "no offer matches the GPU and providers asked for; try another --gpu or --providers"
     nearest = min(misses, key=lambda p: (_key(p.est_total_usd), p.offer.usd_per_hour))
     o = nearest.offer
-    if nearest.why_not and "cap" in nearest.why_not:
-        fixes = "a higher --max-price / --max-total (resources.max_price, resources.max_total_usd), or another --gpu"
-    else:
-        fixes = ("a smaller train.micro_batch_size or data.max_length, train.gradient_checkpointing: true, "
-                 "or a bigger GPU")
-    return (f"no offer can hold this job (it needs about {need.vram_gb:.1f} GB); the cheapest near miss is "
-            f"{o.gpu_count}x {o.gpu} on {o.provider} at ${o.usd_per_hour:.2f}/h: {nearest.why_not}. Try {fixes}")
+    miss = f"the cheapest near miss is {o.gpu_count}x {o.gpu} on {o.provider} at ${o.usd_per_hour:.2f}/h: {nearest.why_not}"
+    fix = fix_for(nearest.why_not or "")
+    if fix is None:  # the offer itself cannot run it (memory, no CUDA GPU): what the job needs is the news
+        return (f"no offer can hold this job (it needs about {need.vram_gb:.1f} GB); {miss}. Try a smaller "
+                "train.micro_batch_size or data.max_length, train.gradient_checkpointing: true, or a bigger GPU")
+    return f"no offer holds this job as asked; {miss}. Try {fix}"
+
+
+def fix_for(why_not: str) -> Optional[str]:
+    """What to change for an offer that could run the job but was excluded by what was asked
+    (_excluded's reasons); None for an offer that cannot run it (evaluate's)."""
+    if why_not == "on-demand":
+        return "--on-demand (resources.interruptible: false) to take on-demand machines, or another --gpu"
+    if why_not == "spot":
+        return "--spot (resources.interruptible: true) to take spot machines, or another --gpu"
+    if "cap" in why_not:
+        return "a higher --max-price / --max-total (resources.max_price, resources.max_total_usd), or another --gpu"
+    if "GPUs," in why_not:
+        return "the GPU count offered (--gpu NAME:N, resources.gpus), or another --gpu"
+    if "nodes" in why_not:
+        return "resources.nodes: 1, or providers that rent several machines (SkyPilot's clouds)"
+    if "left" in why_not:
+        return "a paid GPU (another provider in --providers), or wait until the free quota refreshes"
+    return None
 
 
 def plan_json(rows: list[PlannedOffer], choice: Optional[int], need: JobNeed) -> dict[str, Any]:

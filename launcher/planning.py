@@ -8,6 +8,7 @@ is cli_plan.py's."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -143,9 +144,20 @@ def constraints_for(resources: Any) -> ranking.Constraints:
         multi_node_markets=multi_node_markets() if topology.nodes > 1 else None)
 
 
+def known_providers(names: Optional[Sequence[str]]) -> None:
+    """PlanError naming the known providers (and the nearest) for a name none of them answers to."""
+    known = list(dict.fromkeys([*PROVIDERS, *(m for cls in PROVIDERS.values() for m in cls.markets)]))
+    for name in names or []:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise PlanError(f"resources.providers: {name!r} is not a provider we know; {hint}known: {', '.join(known)}")
+
+
 def restricted_providers(resources: Any) -> Optional[tuple[str, ...]]:
     """resources.providers (expanded), narrowed to the markets a provider's mode allows
     (resources.sky.managed: the clouds that run managed jobs)."""
+    known_providers(resources.providers)
     asked = expand_providers(resources.providers)
     for cls in PROVIDERS.values():
         allowed = cls.plan_markets(resources)
@@ -184,7 +196,8 @@ def live_need(need: ranking.JobNeed, constraints: ranking.Constraints) -> Need:
 
 
 def market(config: LaunchConfig, need: ranking.JobNeed, constraints: ranking.Constraints,
-           warn: Callable[[str], None], *, renting: bool = False) -> list[Offer]:
+           warn: Callable[[str], None], *, renting: bool = False,
+           named: Optional[tuple[str, ...]] = None) -> list[Offer]:
     """Every offer to plan with: the catalogs, with a renting provider's rows replaced by its live
     offers when it is usable here. A live search that fails is a warning and the catalog stays;
     an unusable provider the user asked for (or `launch` would rent on) is named, with `launch check`."""
@@ -196,12 +209,15 @@ def market(config: LaunchConfig, need: ranking.JobNeed, constraints: ranking.Con
         provider_class = PROVIDERS[name]
         usable = availability(provider_class)
         if not usable.usable:
-            asked = [m for m in covered if constraints.providers and m in constraints.providers]
-            if renting or asked:
+            asked = [m for m in covered if named and m in named]  # by the user (resources.providers)
+            # A provider without a catalog (Kaggle) is simply absent from the plan: named only when asked for.
+            priced = any(o.provider in covered for o in found)
+            if asked or (renting and priced):
                 for market in [m for m in asked if m != name] or [name]:
                     line = market_line(market) if market != name else None
-                    warn(line or f"{provider_class.title} is not usable here ({usable.detail}); priced from its "
-                         "catalog, not rentable: `launch check` says how to set it up")
+                    where = "priced from its catalog, not rentable" if priced else "not in this plan"
+                    warn(line or f"{provider_class.title} is not usable here ({usable.detail}); {where}: "
+                         "`launch check` says how to set it up")
             continue
         try:
             live = provider_named(name, config.resources, log=warn).offers(live_need(need, constraints))
@@ -232,7 +248,7 @@ def compute_plan(config: LaunchConfig, measured: Sequence[MeasuredSpeed], warn: 
     asked = constraints.providers
     only_rentable = tuple(p for p in (asked or rentable()) if p in rentable()) or asked
     rental = _with_providers(constraints, only_rentable)
-    rows, choice = _rank(config, need, rental, measured, warn, (), renting=True)
+    rows, choice = _rank(config, need, rental, measured, warn, (), renting=True, named=asked)
     plan = Plan(need, rental, rows, choice)
     if not rows:  # nothing where we can rent: what the whole market offers says what to do
         rows, choice = _rank(config, need, constraints, measured, warn, ())
@@ -244,10 +260,16 @@ def compute_plan(config: LaunchConfig, measured: Sequence[MeasuredSpeed], warn: 
     return mode_notes(config, plan)
 
 
+AS_CONSTRAINED: Any = object()  # _rank's `named` default: the constraints' providers are the user's
+
+
 def _rank(config: LaunchConfig, need: ranking.JobNeed, constraints: ranking.Constraints,
           measured: Sequence[MeasuredSpeed], warn: Callable[[str], None], extra: Sequence[Offer],
-          renting: bool = False) -> tuple[list[ranking.PlannedOffer], Optional[int]]:
-    found = market(config, need, constraints, warn, renting=renting) + list(extra)
+          renting: bool = False, named: Any = AS_CONSTRAINED
+          ) -> tuple[list[ranking.PlannedOffer], Optional[int]]:
+    """`named`: the providers the user asked for (by default, the constraints' own)."""
+    found = market(config, need, constraints, warn, renting=renting,
+                   named=constraints.providers if named is AS_CONSTRAINED else named) + list(extra)
     return ranking.plan(found, need, constraints, list(measured))
 
 

@@ -148,7 +148,10 @@ def planned_steps(config: LaunchConfig, examples: int) -> int:
     return max(1, math.ceil(per_epoch * train.epochs))
 
 
-def check_model(report: PreflightReport, config: LaunchConfig) -> None:
+def check_model(report: PreflightReport, config: LaunchConfig, runs_here: bool = False) -> None:
+    """model.base: a local folder with a model in it, or a hub id the hub knows. `runs_here`: the
+    runner runs on this machine, so a hub this machine cannot reach fails it too (after a minute of
+    the hub client's retries): an error, not a warning."""
     qr = runner_module()
     base = config.job.model.base
     path, is_local = qr.resolve_local(base, config.base_dir)
@@ -165,8 +168,16 @@ def check_model(report: PreflightReport, config: LaunchConfig) -> None:
             report.add("error", "model", f"model.base: {folder} has no weights (*.safetensors or *.bin); "
                                          "download them into the folder", EXIT_MODEL)
         return
+    # `org/name` reads as a hub id, and as a folder relative to the config: say both when neither is found.
+    not_a_folder = f"no folder {config.base_dir / base} either"
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and runs_here:
+        report.add("error", "model", f"model.base: {base}: there is no folder {config.base_dir / base}, and "
+                                     "HF_HUB_OFFLINE=1 keeps the hub (a hub id's source) from this machine, where "
+                                     "the job runs; fix the folder's path (relative to the config file), or unset "
+                                     "HF_HUB_OFFLINE", EXIT_MODEL)
+        return
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("QLORA_LAUNCH_OFFLINE") == "1":
-        report.add("warning", "model", f"model.base: {base} not checked on the hub (offline mode)")
+        report.add("warning", "model", f"model.base: {base} not checked on the hub (offline mode; {not_a_folder})")
         return
     url = f"https://huggingface.co/api/models/{base}"
     if config.job.model.revision:
@@ -176,15 +187,23 @@ def check_model(report: PreflightReport, config: LaunchConfig) -> None:
             pass
     except urllib.error.HTTPError as e:
         if e.code == 404:
-            report.add("error", "model", f"model.base: {base} is not on the Hugging Face hub (404); check the id "
-                                         "and model.revision", EXIT_MODEL)
+            report.add("error", "model", f"model.base: {base} is not on the Hugging Face hub (404), and there is "
+                                         f"{not_a_folder}; check the id and model.revision, or the folder's path "
+                                         "(relative to the config file)", EXIT_MODEL)
         elif e.code in (401, 403):
             report.add("warning", "model", f"model.base: {base} is gated or private; accept its licence on "
                                            "huggingface.co and make HF_TOKEN available on the target")
         else:
             report.add("warning", "model", f"model.base: the hub answered HTTP {e.code}; not checked")
     except (urllib.error.URLError, TimeoutError, OSError):
-        report.add("warning", "model", f"model.base: could not reach huggingface.co to check {base}; not checked")
+        if runs_here:
+            report.add("error", "model", f"model.base: {base}: there is no folder {config.base_dir / base}, and "
+                                         "huggingface.co (a hub id's source) cannot be reached from this machine, "
+                                         "where the job runs; fix the folder's path (relative to the config file), "
+                                         "or connect", EXIT_MODEL)
+        else:
+            report.add("warning", "model", f"model.base: could not reach huggingface.co to check {base}; not "
+                                           f"checked ({not_a_folder})")
 
 
 def needed_disk_gb(config: LaunchConfig, assets_bytes: int, has_python: bool) -> float:

@@ -367,6 +367,16 @@ KEY_ALIASES = {
     "sequence_len": "max_length", "max_seq_length": "max_length", "base_model": "base",
 }
 
+def did_you_mean(key: str, fields: list[str]) -> Optional[str]:
+    """The key meant: an alias's (learning_rate -> lr), or the nearest key or alias by spelling
+    (lerning_rate -> learning_rate -> lr)."""
+    if KEY_ALIASES.get(key) in fields:
+        return KEY_ALIASES[key]
+    names = fields + [alias for alias, target in KEY_ALIASES.items() if target in fields]
+    close = difflib.get_close_matches(key, names, n=1)
+    return KEY_ALIASES.get(close[0], close[0]) if close else None
+
+
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
 
 
@@ -451,9 +461,8 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            alias = KEY_ALIASES.get(str(key))
-            close = [alias] if alias in fields else difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            close = did_you_mean(str(key), list(fields))
+            hint = f"did you mean {close!r}? " if close else ""
             raise ConfigError(f"{prefix}{key}: unknown key; {hint}valid keys here: {', '.join(fields)}")
     values = {}
     for name, f in fields.items():
