@@ -394,7 +394,7 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
             kwargs["_include_credentials"] = True  # the SSH user and key (a private option: version pinned)
         records = sky_client.bounded("the cluster status",
                                      lambda: sky.get(sky.status([cluster], **kwargs)), 300 if refresh else 120)
-        return next((r for r in records if _field(r, "name") == cluster), None)
+        return next((r for r in records if sky_managed.field_of(r, "name") == cluster), None)
 
     def _machine(self, cluster: str, spec: MachineSpec) -> SkyMachine:
         return self._machines(cluster, spec)[0]
@@ -403,12 +403,12 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
         """The cluster's nodes, head first, over the SSH details SkyPilot reports (one unreachable
         machine when it reports none)."""
         record = self._record(cluster, credentials=True)
-        handle = _field(record, "handle") if record is not None else None
+        handle = sky_managed.field_of(record, "handle") if record is not None else None
         hosts = list(getattr(handle, "cached_external_ips", None) or [])
         if record is None or not hosts:
             return [SkyMachine(cluster, None, SSHOptions(known_hosts=spec.known_hosts, control_dir=spec.control_dir))]
         ports = list(getattr(handle, "cached_external_ssh_ports", None) or [])
-        credentials = _field(record, "credentials") or {}
+        credentials = sky_managed.field_of(record, "credentials") or {}
         options = SSHOptions(known_hosts=spec.known_hosts, control_dir=spec.control_dir,
                              identity=_identity_file(cluster, credentials))
         user = credentials.get("ssh_user") or getattr(handle, "ssh_user", None)
@@ -501,10 +501,10 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
         records = sky_client.bounded("the cluster list", lambda: sky.get(sky.status([f"{CLUSTER_PREFIX}*"])), 300)
         out = []
         for record in records:
-            name = str(_field(record, "name"))
+            name = str(sky_managed.field_of(record, "name"))
             if name.startswith(CLUSTER_PREFIX):
                 out.append(LabelledMachine(machine_id=name, name=machine_name(name), label=name,
-                                           status=str(getattr(_field(record, "status"), "value", "?")),
+                                           status=str(getattr(sky_managed.field_of(record, "status"), "value", "?")),
                                            usd_per_hour=_hourly(record)))
         for record in sky_managed.live_jobs(sky):
             name = str(sky_managed.field_of(record, "job_name"))
@@ -575,14 +575,14 @@ def offer_file(run_id: str) -> Path:
 def map_state(record: Optional[Any]) -> MachineState:
     if record is None:
         return "gone"
-    status = getattr(_field(record, "status"), "value", _field(record, "status"))
+    status = getattr(sky_managed.field_of(record, "status"), "value", sky_managed.field_of(record, "status"))
     if status == "UP":
         return "running"
     if status == "STOPPED":
         return "stopped"
     if status in ("INIT", "PENDING"):
         # INIT after the cluster was up: a node went away (a spot preemption) or ray died.
-        return "preempted" if _field(record, "cluster_ever_up") else "starting"
+        return "preempted" if sky_managed.field_of(record, "cluster_ever_up") else "starting"
     if status == "AUTOSTOPPING":
         return "stopped"
     return "unknown"
@@ -621,14 +621,9 @@ def _identity_file(cluster: str, credentials: dict[str, Any]) -> Optional[Path]:
     return key
 
 
-def _field(record: Any, name: str) -> Any:
-    """A status record is a pydantic model in 0.14 and a dict in older SDKs."""
-    return record.get(name) if isinstance(record, dict) else getattr(record, name, None)
-
-
 def _hourly(record: Any) -> float:
     try:
-        return float(_field(record, "handle").launched_resources.get_cost(3600))
+        return float(sky_managed.field_of(record, "handle").launched_resources.get_cost(3600))
     except Exception:  # noqa: BLE001  (a listing without resources still lists the cluster)
         return 0.0
 

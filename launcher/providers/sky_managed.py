@@ -130,6 +130,7 @@ def status_of(record: Optional[Any]) -> Optional[str]:
 
 
 def field_of(record: Any, name: str) -> Any:
+    """A field of a SkyPilot record: a pydantic model in 0.14, a dict in older SDKs (or None)."""
     if record is None:
         return None
     return record.get(name) if isinstance(record, dict) else getattr(record, name, None)
