@@ -68,7 +68,7 @@ class MachineLost(Exception):
 
 
 class SessionEnded(Exception):
-    """The target's session ended at its limit with a checkpoint saved (a Kaggle kernel's 12 h):
+    """The target's session ended at its limit with a checkpoint saved (a free notebook's session limit):
     the run continues in a new session on the same machine."""
 
     def __init__(self, seen: Look) -> None:
@@ -329,8 +329,8 @@ def drive(session: Session, reporter: Reporter) -> Outcome:
 
 
 def next_session(session: Session, seen: Look, resumed_from: int, reporter: Reporter) -> Optional[int]:
-    """The session ended at its limit: start the runner again (a new session: a Kaggle kernel's
-    new version) from the newest checkpoint; the step it resumes from, or None when the run
+    """The session ended at its limit: start the runner again (a new session: the workspace's
+    start opens one) from the newest checkpoint; the step it resumes from, or None when the run
     stopped instead (the quota cannot hold another session: `stopped`, resumable)."""
     now = time.time()
     newest = max(seen.complete_steps, default=-1)

@@ -186,6 +186,16 @@ def timed_losses(job: Path, out: Path) -> tuple[dict[int, float], float]:
 STOP_BEFORE_S = 40.0  # the kernel's stop margin in these tests: the runner's SIGTERM-to-exit fits in it
 
 
+def sessions_job(tmp_path: Path, train: dict, fraction: float) -> tuple[dict[int, float], Path]:
+    """The runner's own losses for `train`, and the job on Kaggle whose sessions end (the
+    script's SIGTERM) at `fraction` of that run's time."""
+    expected, alone_s = timed_losses(tiny_job(tmp_path / "alone.yaml", train=train), tmp_path / "alone")
+    session_s = alone_s * fraction + STOP_BEFORE_S
+    job = tiny_job(tmp_path / "job.yaml", train=train, resources={"providers": ["kaggle"], "kaggle": {
+        "session_limit_h": session_s / 3600, "stop_before_limit_minutes": STOP_BEFORE_S / 60}})
+    return expected, job
+
+
 def test_a_run_cut_by_the_session_limit_continues_in_new_versions_to_the_same_losses(on_kaggle, tmp_path):
     """Each session ends (the script's SIGTERM) at about 0.6 of the runner's own run: the launcher
     pulls the checkpoint, republishes it as the dataset's seed and pushes a new kernel version,
@@ -193,11 +203,7 @@ def test_a_run_cut_by_the_session_limit_continues_in_new_versions_to_the_same_lo
     kaggle_fake = on_kaggle
     sandbox = run_script(tmp_path / "sandbox")
     kaggle_fake.executor = sandbox
-    train = {"max_steps": 120, "save_every": 4, "eval_every": 120}
-    expected, alone_s = timed_losses(tiny_job(tmp_path / "alone.yaml", train=train), tmp_path / "alone")
-    session_s = alone_s * 0.6 + STOP_BEFORE_S
-    job = tiny_job(tmp_path / "job.yaml", train=train, resources={"providers": ["kaggle"], "kaggle": {
-        "session_limit_h": session_s / 3600, "stop_before_limit_minutes": STOP_BEFORE_S / 60}})
+    expected, job = sessions_job(tmp_path, {"max_steps": 120, "save_every": 4, "eval_every": 120}, 0.6)
     code, text = launch_cli(tmp_path, "--config", str(job), "--yes")
     assert code == 0, text[-4000:]
     (run_dir,) = list((tmp_path / "runs").iterdir())
@@ -250,11 +256,7 @@ def test_a_spent_quota_refuses_the_next_session_and_stops_the_run(on_kaggle, tmp
         kaggle_fake.gpu_time_used_s = kaggle_fake.gpu_total_s
 
     kaggle_fake.executor = then_the_quota_is_gone
-    train = {"max_steps": 60, "save_every": 4, "eval_every": 60}
-    _, alone_s = timed_losses(tiny_job(tmp_path / "alone.yaml", train=train), tmp_path / "alone")
-    session_s = alone_s * 0.5 + STOP_BEFORE_S
-    job = tiny_job(tmp_path / "job.yaml", train=train, resources={"providers": ["kaggle"], "kaggle": {
-        "session_limit_h": session_s / 3600, "stop_before_limit_minutes": STOP_BEFORE_S / 60}})
+    _, job = sessions_job(tmp_path, {"max_steps": 60, "save_every": 4, "eval_every": 60}, 0.5)
     code, text = launch_cli(tmp_path, "--config", str(job), "--yes")
     (run_dir,) = list((tmp_path / "runs").iterdir())
     assert code == 143, text[-4000:]
