@@ -113,6 +113,8 @@ def command_parser(command: str) -> argparse.ArgumentParser:
     if command == "logs":
         parser.add_argument("-f", "--follow", action="store_true", help="keep printing as the runner writes")
     if command == "resume":
+        parser.add_argument("--max-total", type=float, default=None, metavar="USD",
+                            help="a new cap for the whole run, what it already cost included (resources.max_total_usd)")
         add_move_arguments(parser)
     if command == "runs":
         parser.add_argument("--limit", type=int, default=50)
@@ -278,7 +280,7 @@ def refuse_unused_market_flags(config: LaunchConfig, args: argparse.Namespace, r
     """A flag that would not change anything is a mistake to say, not to ignore: market flags on a
     job that rents nothing, --gpu on a job that trains on the CPU."""
     given = [flag for flag, value in (("--gpu", args.gpu), ("--max-price", args.max_price),
-                                      ("--max-total", args.max_total), ("--spot", args.spot or None),
+                                      ("--spot", args.spot or None),
                                       ("--on-demand", args.on_demand or None),
                                       ("--managed", args.managed or None)) if value is not None]
     if args.gpu and args.gpu.lower() != ANY_GPU and config.job.train.device == "cpu":
@@ -289,6 +291,10 @@ def refuse_unused_market_flags(config: LaunchConfig, args: argparse.Namespace, r
                  f"resources.providers: [local] in {config.path.name}")
         raise UsageError(f"{', '.join(given)} only choose a machine to rent, and this job rents none ({where}); "
                          "drop the flag, or drop the target to rent one")
+    if args.max_total is not None and not renting and not config.resources.usd_per_hour:
+        raise UsageError(f"--max-total {args.max_total:g}: this job runs on your own machine, which costs $0/h as far "
+                         "as the launcher knows; give its price with --usd-per-hour (resources.usd_per_hour) for the "
+                         "cap to count, or drop --max-total")
 
 
 def _create_session(config: LaunchConfig, args: argparse.Namespace, store: RunStore,
@@ -382,11 +388,16 @@ def cmd_attach(args: argparse.Namespace, store: RunStore, console: Console, erro
 
 
 def cmd_resume(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
+    if args.max_total is not None and args.max_total <= 0:
+        raise UsageError(f"--max-total {args.max_total:g}: a cap is a positive number of dollars for the whole run")
     overrides = move_overrides(args)
     if overrides:
+        if args.max_total is not None:
+            overrides["max_total_usd"] = args.max_total
         return _drive(lambda session, reporter: job.resume_elsewhere(session, reporter, overrides), args, store,
                       console, errors)
-    return _drive(job.resume, args, store, console, errors)
+    return _drive(lambda session, reporter: job.resume(session, reporter, max_total_usd=args.max_total), args, store,
+                  console, errors)
 
 
 def _drive(action: Any, args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:

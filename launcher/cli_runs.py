@@ -51,7 +51,7 @@ def render_summary(console: Console, outcome: job.Outcome, machines: list[dict[s
     console.rule("summary")
     colour = "green" if record.status == "done" else "red"
     console.print(f"run: {record.id}  target: {record.target}  folder: {outcome.run_dir}")
-    console.print(f"status: [{colour}]{record.status}[/] (exit code {record.exit_code})  "
+    console.print(f"status: [{colour}]{status_text(record)}[/] (exit code {record.exit_code})  "
                   f"steps: {record.step}/{record.total_steps}  time: {_duration(record.elapsed_s)}  "
                   f"spent: ${spent:.4f}")
     if record.error:
@@ -89,8 +89,13 @@ def render_summary(console: Console, outcome: job.Outcome, machines: list[dict[s
     for name, label in (("adapter", "adapter"), ("loss.png", "loss curve"), ("checkpoints", "checkpoints")):
         if (outcome.run_dir / name).exists():
             console.print(f"{label}: {outcome.run_dir / name}")
-    if record.status in ("interrupted", "preempted", "stopped"):
-        console.print(f"continue it with `launch resume {record.id}`")
+    if record.status in ("interrupted", "preempted", "stopped") and record.stop_reason != "budget":
+        console.print(f"continue it with `launch resume {record.id}`")  # (a budget stop's error says how)
+
+
+def status_text(record: RunRecord) -> str:
+    """The status as `launch runs` shows it: `stopped: budget` says why a run stopped."""
+    return f"{record.status}: {record.stop_reason}" if record.status == "stopped" and record.stop_reason else record.status
 
 
 class Losses:
@@ -135,14 +140,17 @@ FOLDED_MIN = 8  # a folding column (target, GPU) narrower than this is dropped i
 
 
 def cmd_runs(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
-    records = store.list(limit=args.limit)
-    if args.json:
-        console.print_json(json.dumps([asdict(r) for r in records]))
-        return 0
+    from launcher.budget import month_start, month_usd
     from launcher.renting import run_usd
 
+    records = store.list(limit=args.limit)
+    if args.json:  # a list, as it always was; each run with its $ so far
+        console.print_json(json.dumps([{**asdict(r), "spent_usd": round(run_usd(store, r), 6)} for r in records]))
+        return 0
+    month = month_usd(store, month_start())
     columns: dict[str, list[str]] = {
-        "id": [r.id for r in records], "status": [r.status for r in records],
+        "id": [r.id for r in records],
+        "status": [status_text(r) for r in records],
         "target": [r.target or "-" for r in records], "GPU": [r.gpu or "-" for r in records],
         "steps": [f"{r.step or 0}/{r.total_steps or '?'}" for r in records],
         "checkpoint": [newest_checkpoint(r) for r in records],
@@ -154,7 +162,9 @@ def cmd_runs(args: argparse.Namespace, store: RunStore, console: Console, errors
         for r in records:
             console.print(f"{r.id} {r.status}", soft_wrap=True, highlight=False)
         return 0
-    table = Table(title="runs", caption="RUN: an id, or any unique start of one" if records else "no runs yet")
+    caption = (f"spent this month: {_usd(month)}; RUN: an id, or any unique start of one" if records
+               else "no runs yet")
+    table = Table(title="runs", caption=caption)
     for name in shown:
         folds = name in ("target", "GPU")
         table.add_column(name, justify="right" if name in ("steps", "elapsed", "$") else "left",

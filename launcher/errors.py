@@ -16,6 +16,7 @@ EXIT_INTERRUPTED = _runner.EXIT_INTERRUPTED
 # The launcher's own classes.
 EXIT_TARGET = 8
 EXIT_NO_OFFER = 9
+EXIT_BUDGET = 10  # the run's cap (resources.max_total_usd) stopped it, or keeps it from going on
 
 
 class UsageError(Exception):

@@ -29,10 +29,10 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 
 import yaml
 
-from launcher import planning, renting, storage, sync
+from launcher import budget, planning, renting, storage, sync
 from launcher.checkpoints import LocalCheckpoints
 from launcher.config import LaunchConfig, load as load_config
-from launcher.errors import EXIT_TARGET, EXIT_USAGE
+from launcher.errors import EXIT_BUDGET, EXIT_TARGET, EXIT_USAGE
 from launcher.distributed import topology_for
 from launcher.paths import runner_module
 from launcher.providers import provider_for_target, provider_named, renter_name
@@ -65,6 +65,14 @@ class MachineLost(Exception):
     def __init__(self, state: str) -> None:
         super().__init__(state)
         self.state = state
+
+
+class BudgetReached(Exception):
+    """The run's $ so far and one more save-and-pull reach its cap (resources.max_total_usd)."""
+
+    def __init__(self, spend: budget.Spend) -> None:
+        super().__init__(spend.line(""))
+        self.spend = spend
 
 
 class SessionEnded(Exception):
@@ -104,7 +112,11 @@ class Outcome:
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.detached else (self.record.exit_code if self.record.exit_code is not None else 1)
+        if self.detached:
+            return 0
+        if self.record.stop_reason == budget.STOPPED_FOR:
+            return EXIT_BUDGET
+        return self.record.exit_code if self.record.exit_code is not None else 1
 
 
 @dataclass
@@ -118,6 +130,8 @@ class Session:
     provider: Provider
     machine: Optional[Machine] = None
     workspace: Optional[Workspace] = None
+    longest_pull_s: Optional[float] = None  # of this run's checkpoint pulls so far (the budget's margin)
+    save_guess: Optional[budget.Guess] = None  # a save's and a pull's time before they are measured
 
     @property
     def run_dir(self) -> Path:
@@ -134,6 +148,16 @@ class Session:
 
     def spent_usd(self, now: Optional[float] = None) -> float:
         return renting.run_usd(self.store, self.record, now)
+
+    def spend(self, now: Optional[float] = None) -> Optional[budget.Spend]:
+        """The run against its cap now; None without a cap."""
+        cap = self.config.resources.max_total_usd if self.config else None
+        if cap is None or self.config is None:
+            return None
+        if self.save_guess is None:
+            self.save_guess = budget.Guess.for_job(self.config)
+        return budget.spend(self.store, self.record, cap, read_metrics(self.run_dir), self.longest_pull_s, POLL_S,
+                            self.save_guess, now)
 
     def elapsed_s(self, now: Optional[float] = None) -> float:
         if self.record.status in ("starting", "running"):
@@ -324,8 +348,50 @@ def drive(session: Session, reporter: Reporter) -> Outcome:
             if resumed_from is None:
                 return Outcome(session.record, session.run_dir)
             continue
+        except BudgetReached as reached:
+            return stop_for_budget(session, reached.spend, reporter)
         release(session, outcome.record.status, reporter)
         return outcome
+
+
+def stop_for_budget(session: Session, spend: budget.Spend, reporter: Reporter) -> Outcome:
+    """The cap is one save-and-pull away: the runner checkpoints and stops, the checkpoint and
+    results come here, every machine is released; the run is `stopped` (resumable) for the budget."""
+    line = spend.line(session.record.id)
+    reporter.warn(line)
+    seen: Optional[Look] = None
+    if session.ws.stoppable and session.record.pid:
+        reporter.phase("stopping the runner for the budget (it saves a checkpoint first)")
+        try:
+            seen = stop_with_grace(session.ws, session.record.pid, STOP_GRACE_S)
+        except WorkspaceError as e:  # the machine goes anyway: the cap is what the user asked for
+            reporter.warn(f"could not reach the runner to stop it ({e}); releasing its machine")
+    if seen is not None:  # what must come off the machine, before it is released (it bills until then)
+        pull_new_checkpoints(session, seen.complete_steps, reporter)
+        session.ws.fetch_results(session.run_dir)
+    release(session, "stopped", reporter)
+    renting.may_rent_again(session.run_dir)
+    outcome = finish(session, seen, reporter, files_pulled=True) if seen is not None else \
+        Outcome(session.record, session.run_dir)
+    now = time.time()
+    spent = session.spent_usd(now)
+    session.update(status="stopped", stop_reason=budget.STOPPED_FOR, ended_at=now, started_at=None,
+                   elapsed_s=session.elapsed_s(now) if seen is None else session.record.elapsed_s,
+                   error=dataclasses.replace(spend, spent_usd=spent).line(session.record.id))
+    outcome.record = session.record
+    return outcome
+
+
+def refuse_over_budget(session: Session, usd_per_hour: float) -> None:
+    """Before a machine is started again (a resume, a recovery): the cap must leave room for at
+    least one more save-and-pull at `usd_per_hour`, else nothing is started."""
+    spend = session.spend()
+    if spend is None:
+        return
+    spend = dataclasses.replace(spend, usd_per_hour=usd_per_hour)
+    if spend.reached:
+        session.update(status="stopped", stop_reason=budget.STOPPED_FOR, error=spend.line(session.record.id))
+        raise JobError(spend.line(session.record.id), EXIT_BUDGET)
 
 
 def next_session(session: Session, seen: Look, resumed_from: int, reporter: Reporter) -> Optional[int]:
@@ -336,7 +402,7 @@ def next_session(session: Session, seen: Look, resumed_from: int, reporter: Repo
     newest = max(seen.complete_steps, default=-1)
     session.update(elapsed_s=session.elapsed_s(now), started_at=None, step=seen.status.get("step", session.record.step))
     if newest <= resumed_from:
-        return stop_between_sessions(session, reporter, now, (
+        return stop_between_sessions(session, reporter, now, "no progress", (
             f"{session.record.target}: a whole session ended without a new checkpoint (still at checkpoint-{newest}); "
             f"lower train.save_every, then `launch resume {session.record.id}`"))
     reporter.warn(f"{session.record.target}: the session reached its limit at step {seen.status.get('step')}; "
@@ -344,16 +410,16 @@ def next_session(session: Session, seen: Look, resumed_from: int, reporter: Repo
     try:
         start_runner(session, reporter, resume=True)
     except OutOfQuota as e:
-        return stop_between_sessions(session, reporter, now, str(e))
+        return stop_between_sessions(session, reporter, now, "quota", str(e))
     except (WorkspaceError, PrepareFailed, JobError, ProviderError) as e:
         raise failed_to_start(session, e, reporter) from None
     return newest
 
 
-def stop_between_sessions(session: Session, reporter: Reporter, when: float, why: str) -> None:
+def stop_between_sessions(session: Session, reporter: Reporter, when: float, reason: str, why: str) -> None:
     """No next session: the run is `stopped` (resumable, its checkpoint here), and says why."""
     release(session, "stopped", reporter)
-    session.update(status="stopped", exit_code=143, ended_at=when, error=why)
+    session.update(status="stopped", stop_reason=reason, exit_code=143, ended_at=when, error=why)
     reporter.warn(why)
 
 
@@ -361,24 +427,33 @@ def recover(session: Session, state: str, reporter: Reporter, *, force: bool = F
     """The machine was lost: record when, destroy what is left of it (a stopped instance still
     bills its disk), then (resources.recover) rent the next offer of the job's plan, ranked as
     `launch` ranks it, and resume there from the newest checkpoint pulled here. False: the run
-    is left preempted, resumable."""
-    now = time.time()
-    lost = session.record.target
-    reporter.warn(f"{lost} was {state} at step {session.record.step}; the newest checkpoint here is "
-                  f"checkpoint-{session.record.pulled_step}")
-    release(session, state, reporter, when=now)
-    session.update(status="preempted", elapsed_s=session.elapsed_s(now), started_at=None, ended_at=now,
-                   exit_code=143, error=f"{lost} was {state}; `launch resume {session.record.id}` continues on "
-                                        "the next offer")
+    is left preempted, resumable. A run that was `stopped` (we released its machine: `launch down`,
+    the budget) is not a loss: it keeps its record and goes on on a machine rented now."""
+    if session.record.status == "stopped":
+        reporter.phase(f"{session.record.target} was released when the run stopped; renting a machine to resume on")
+    else:
+        now = time.time()
+        lost = session.record.target
+        reporter.warn(f"{lost} was {state} at step {session.record.step}; the newest checkpoint here is "
+                      f"checkpoint-{session.record.pulled_step}")
+        release(session, state, reporter, when=now)
+        session.update(status="preempted", elapsed_s=session.elapsed_s(now), started_at=None, ended_at=now,
+                       exit_code=143, error=f"{lost} was {state}; `launch resume {session.record.id}` continues on "
+                                            "the next offer")
     config = session.loaded_config()
     if not (config.resources.recover or force):
         return False
+    machines = session.store.machines(session.record.id)
+    if machines:  # what the lost machines cost counts: the cap is the run's, not the machine's
+        refuse_over_budget(session, machines[-1].usd_per_hour)
     reporter.phase("renting the next offer to resume on")
     try:
         plan = planning.compute_plan(config, session.store.measured_speeds(config.job.model.base), reporter.warn,
                                      example_tokens=planning.example_tokens(config), renting=True)
     except planning.PlanError as e:
         raise JobError(str(e), e.exit_code) from None
+    if plan.candidates:
+        refuse_over_budget(session, plan.candidates[0].usd_per_hour)
     rent_machine(session, plan.candidates, reporter)
     with starting(session, reporter):
         session.open_workspace(fresh=True)
@@ -402,7 +477,7 @@ def start_runner(session: Session, reporter: Reporter, *, resume: bool) -> None:
         raise JobError(str(e), e.exit_code) from None
     job = session.ws.start(python, resume=resume, topology=topology_for(config.resources), env=env)
     session.update(status="running", pid=job, python=python, started_at=time.time(), exit_code=None, error=None,
-                   ended_at=None)
+                   ended_at=None, stop_reason=None)
     reporter.started(session.record)
 
 
@@ -459,6 +534,10 @@ def follow_run(session: Session, reporter: Reporter) -> Outcome:
             session.update(step=seen.status.get("step"), total_steps=state["total"])
         note_stored(session, seen.status)
         pull_new_checkpoints(session, seen.complete_steps, reporter)
+        if seen.running:
+            spend = session.spend()
+            if spend is not None and spend.reached:
+                raise BudgetReached(spend)
         if not seen.running:
             if seen.session_end == "session_limit":
                 raise SessionEnded(seen)
@@ -526,7 +605,8 @@ def finish(session: Session, seen: Look, reporter: Reporter, files_pulled: bool 
                    started_at=None, step=seen.status.get("step", session.record.step),
                    total_steps=seen.status.get("total_steps", session.record.total_steps), error=error,
                    tokens_per_s=measured_tokens_per_s(session.run_dir),
-                   seq_tokens=seen.status.get("train_seq_tokens", session.record.seq_tokens))
+                   seq_tokens=seen.status.get("train_seq_tokens", session.record.seq_tokens),
+                   stop_reason="quota" if status == "stopped" else None)
     plot_losses(session.run_dir)
     return Outcome(session.record, session.run_dir, evaluation=_read_json(session.run_dir / "eval.json"),
                    samples=_read_jsonl(session.run_dir / "samples.jsonl"))
@@ -550,8 +630,10 @@ def pull_new_checkpoints(session: Session, remote_steps: list[int], reporter: Re
     what the runner rotates away next, and a resume needs only the newest."""
     local = LocalCheckpoints(session.run_dir)
     for step in [s for s in remote_steps if s > local.newest()][-1:]:
+        started = time.monotonic()
         try:
             session.ws.fetch_checkpoint(step, local.incoming(step))
+            session.longest_pull_s = max(session.longest_pull_s or 0.0, time.monotonic() - started)
         except WorkspaceError as e:
             # Rotated away while we copied (a newer one exists), or the connection dropped:
             # the next look tries again; a half copy is never taken for a checkpoint.
@@ -663,15 +745,18 @@ def finish_and_release(session: Session, seen: Look, reporter: Reporter) -> Outc
     return outcome
 
 
-def resume(session: Session, reporter: Reporter) -> Outcome:
+def resume(session: Session, reporter: Reporter, max_total_usd: Optional[float] = None) -> Outcome:
     """Continue from the newest complete checkpoint (pushed back if the target lost it); the
     runner restores optimizer, scheduler, RNG and data position, so losses match an
-    uninterrupted run. A run whose rented machine is gone resumes on the next offer."""
+    uninterrupted run. A run whose rented machine is gone resumes on the next offer.
+    `max_total_usd`: the run's new cap (`launch resume RUN --max-total`), kept in its job file."""
     record = session.record
     if record.status == "done":
         raise JobError(f"run {record.id} is done; nothing to resume", EXIT_USAGE)
     if record.status not in RESUMABLE and record.status != "failed":
         raise JobError(f"run {record.id} is {record.status}; it cannot be resumed", EXIT_USAGE)
+    if max_total_usd is not None:
+        session.config = _moved_config(session, {"max_total_usd": max_total_usd})
     moved = resume_elsewhere_if_lost(session, reporter)
     if moved:
         return moved
@@ -688,10 +773,11 @@ def resume(session: Session, reporter: Reporter) -> Outcome:
                 return drive(session, reporter)
             if seen.exit_code == 0:
                 return finish_and_release(session, seen, reporter)
+        refuse_over_budget(session, budget.usd_per_hour_held(session.store, session.record))
         session.open_workspace(fresh=True)
         start_runner(session, reporter, resume=True)
     except OutOfQuota as e:
-        session.update(status="stopped", error=str(e))
+        session.update(status="stopped", stop_reason="quota", error=str(e))
         raise JobError(str(e), EXIT_TARGET) from None
     except WorkspaceError as e:
         raise JobError(str(e), EXIT_TARGET) from None
@@ -723,6 +809,7 @@ def resume_elsewhere(session: Session, reporter: Reporter, overrides: dict[str, 
             session.provider = provider_for_target(target, config.resources)
             session.update(provider=session.provider.name, target=target, machine_id=target, remote_dir=None,
                            usd_per_hour=config.resources.usd_per_hour, identity=config.resources.ssh_identity)
+            refuse_over_budget(session, config.resources.usd_per_hour)
             reach_own_machine(session, reporter)
         else:
             reporter.phase("planning where to resume")
@@ -733,6 +820,8 @@ def resume_elsewhere(session: Session, reporter: Reporter, overrides: dict[str, 
             except planning.PlanError as e:
                 raise JobError(str(e), e.exit_code) from None
             session.update(remote_dir=None)
+            if plan.candidates:
+                refuse_over_budget(session, plan.candidates[0].usd_per_hour)
             rent_machine(session, plan.candidates, reporter)
         session.open_workspace(fresh=True)
         start_runner(session, reporter, resume=True)
@@ -822,12 +911,15 @@ def down(session: Session, reporter: Reporter) -> RunRecord:
         session.ws.fetch_results(session.run_dir)
     if session.provider.rents_machines:
         release(session, lost or "stopped", reporter)
+        if not lost:
+            renting.may_rent_again(session.run_dir)
     elif session.machine is not None:
         session.provider.terminate(session.machine)
     if session.record.status in ("done", "failed", "stopped"):  # stopped: a repeated `down`
         return session.record
     now = time.time()
-    return session.update(status="stopped", ended_at=now, elapsed_s=session.elapsed_s(now), started_at=None,
+    return session.update(status="stopped", stop_reason="down", ended_at=now, elapsed_s=session.elapsed_s(now),
+                          started_at=None,
                           exit_code=seen.exit_code if seen else None,
                           step=(seen.status.get("step") if seen else None) or session.record.step,
                           error=f"stopped by `launch down`; `launch resume {session.record.id}` continues it")

@@ -265,12 +265,17 @@ def _excluded(p: PlannedOffer, c: Constraints) -> Optional[str]:
     if c.interruptible is not None and o.interruptible != c.interruptible and o.target is None:  # own box: no market
         return "spot" if o.interruptible else "on-demand"
     if c.max_usd_per_hour is not None and o.usd_per_hour > c.max_usd_per_hour:
-        return f"above the ${c.max_usd_per_hour:.2f}/h cap"
+        return f"above the ${_cap_text(c.max_usd_per_hour)}/h cap"
     if c.max_total_usd is not None and p.est_total_usd is not None and p.est_total_usd > c.max_total_usd:
-        return f"above the ${c.max_total_usd:.2f} total cap"
+        return f"above the ${_cap_text(c.max_total_usd)} total cap"
     if o.hours_left is not None and p.est_hours is not None and p.est_hours > o.hours_left:
         return f"needs {_hours_text(p.est_hours)}, {_hours_text(o.hours_left)} left"  # a free quota (Kaggle's week)
     return None
+
+
+def _cap_text(usd: float) -> str:
+    """A cap in dollars with its first two figures: 20.00, 1.50, 0.021, not 0.00."""
+    return f"{usd:.{max(2, 1 - math.floor(math.log10(usd)))}f}"
 
 
 def _hours_text(hours: float) -> str:

@@ -39,8 +39,20 @@ def tried_offers(run_dir: Path) -> list[str]:
     return [str(t) for t in saved.get("tried", [])] if isinstance(saved, dict) else []
 
 
-def _save_tried(run_dir: Path, tried: list[str]) -> None:
-    (run_dir / TRIED_FILE).write_text(json.dumps({"tried": tried}, indent=1))
+def _save_tried(run_dir: Path, tried: list[str], renting: Optional[str] = None) -> None:
+    (run_dir / TRIED_FILE).write_text(json.dumps({"tried": tried, "renting": renting}, indent=1))
+
+
+def may_rent_again(run_dir: Path) -> None:
+    """The run's machine was released on purpose (`launch down`, the budget), not lost: its offer
+    may be rented again when the run resumes (a failed or lost one is never tried twice)."""
+    try:
+        saved = json.loads((run_dir / TRIED_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    renting = saved.get("renting") if isinstance(saved, dict) else None
+    if renting:
+        _save_tried(run_dir, [t for t in tried_offers(run_dir) if t != renting])
 
 
 def describe(offer: Offer) -> str:
@@ -81,6 +93,7 @@ def rent(store: RunStore, run_id: str, run_dir: Path, candidates: list[Offer], r
         store.add_machine(MachineRecord(run_id=run_id, target=rented.machine.name, provider=provider.name,
                                         usd_per_hour=rented.usd_per_hour, started_at=rented.started_at,
                                         gpu=offer.gpu_summary, region=offer.region))
+        _save_tried(run_dir, tried, renting=offer_key(offer))
         return provider, rented, offer
     if not failures:
         raise NothingRented("no offer left to rent: every fitting offer was tried already; "

@@ -66,6 +66,7 @@ class RunRecord:
     usd_per_hour: float = 0.0  # 0 for the local target and own boxes
     exit_code: Optional[int] = None
     error: Optional[str] = None
+    stop_reason: Optional[str] = None  # why a `stopped` run stopped: budget | down | quota | no-progress
     created_at: float = 0.0
     updated_at: float = 0.0
     ended_at: Optional[float] = None
@@ -201,6 +202,11 @@ class RunStore:
 
         shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
         raise UsageError(f"{text!r} starts {len(ids)} run ids ({shown}); type more characters of the one you mean")
+
+    def touched_since(self, when: float) -> list[RunRecord]:
+        """Every run updated since `when` (a run that may have spent money since then)."""
+        rows = self._db.execute("SELECT * FROM runs WHERE updated_at >= ? ORDER BY created_at", [when]).fetchall()
+        return [_record(row) for row in rows]
 
     def list(self, limit: int = 50) -> list[RunRecord]:
         rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", [limit]).fetchall()
