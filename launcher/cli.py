@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -33,8 +34,8 @@ from launcher.config import ConfigError, LaunchConfig, load as load_config
 from launcher.paths import DEFAULT_CONFIG, find_config
 from launcher.planning import ANY_GPU
 from launcher.preflight import (
-    PreflightReport, check_data, check_model, check_provider_settings, check_storage, check_target, check_tools,
-    needed_disk_gb,
+    PreflightReport, check_data, check_identity, check_model, check_provider_settings, check_storage, check_target,
+    check_tools, needed_disk_gb,
 )
 from launcher.cli_plan import (
     add_market_arguments, add_plan_arguments, cmd_plan, market_overrides, plan_rental, render_offers,
@@ -44,7 +45,7 @@ from launcher.cli_deploy import cmd_chat, cmd_merge, cmd_push
 from launcher.cli_export import DESCRIPTION as EXPORT_DESCRIPTION, add_export_arguments, cmd_export
 from launcher.cli_providers import cmd_check, cmd_down_all
 from launcher.cli_runs import cmd_logs, cmd_runs, cmd_status, render_summary, resolve_run_argument
-from launcher.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TARGET, EXIT_USAGE, UsageError
+from launcher.errors import EXIT_ENVIRONMENT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TARGET, EXIT_USAGE, UsageError
 from launcher.progress import RichReporter
 from launcher.remote import RemoteError
 from launcher.runs import RunNotFound, RunRecord, RunStore
@@ -165,7 +166,10 @@ def main(argv: Optional[list[str]] = None, console: Optional[Console] = None,
     errors = errors or Console(stderr=True, soft_wrap=True)  # one error, one line: never wrapped
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = (command_parser(command) if command else launch_parser()).parse_args(argv[1:] if command else argv)
-    store = RunStore.default()
+    try:
+        store = open_state()
+    except UsageError as e:
+        return _fail(errors, e, EXIT_ENVIRONMENT, args.debug)
     try:
         if command is None:
             return cmd_launch(args, store, console, errors)
@@ -185,6 +189,36 @@ def main(argv: Optional[list[str]] = None, console: Optional[Console] = None,
                      EXIT_INTERNAL, args.debug)
     finally:
         store.close()
+
+
+def open_state() -> RunStore:
+    """The run records, in a state directory we can write (else one line saying where it is)."""
+    import sqlite3
+
+    from launcher.runs import state_dir
+
+    try:
+        return RunStore.default()
+    except (OSError, sqlite3.Error) as e:
+        raise UsageError(f"cannot keep run records in {state_dir()} ({getattr(e, 'strerror', None) or e}); set "
+                         "QLORA_LAUNCH_HOME (or XDG_STATE_HOME) to a folder you can write") from None
+
+
+def writable_folder(path: Path, flag: str) -> None:
+    """`path` is a folder we can write in, or could be made one, or one UsageError naming `flag`.
+
+    Nothing is created here: a refused job leaves no folder behind. The nearest part of the path
+    that exists must be a folder this user may write (os.access: root passes it, as root may)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        why = "Not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = "Permission denied"
+    else:
+        return
+    raise UsageError(f"{flag} {path}: cannot write there ({why}: {existing}); pass {flag} a folder you can write")
 
 
 def _fail(errors: Console, e: BaseException, code: int, debug: bool) -> int:
@@ -209,6 +243,7 @@ def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, erro
                  "usd_per_hour": args.usd_per_hour, "recover": False if args.no_recover else None,
                  **market_overrides(args)}
     config = load_config(config_path, overrides)
+    writable_folder(args.runs_dir, "--runs-dir")
     renting = config.resources.target is None and wants_a_rented_machine(config)
     refuse_unused_market_flags(config, args, renting)
     # What this machine can check costs nothing and comes first: no run record for a typo. The
@@ -218,6 +253,7 @@ def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, erro
     if renting:
         check_tools(report, needs_ssh=True)
         check_provider_settings(report, config)
+    check_identity(report, config)
     check_data(report, config)
     check_model(report, config, runs_here=not renting and (config.resources.target or "local") == "local")
     if report.errors:

@@ -133,7 +133,7 @@ def _validate(model: type[BaseModel], data: Any, section: str, path: Path, overr
 
 # The flags whose names are not their key's (the others are --<key with dashes>).
 FLAGS = {"max_price": "max-price", "max_total_usd": "max-total", "interruptible": "spot/--on-demand",
-         "ssh_identity": "identity"}
+         "ssh_identity": "identity", "gpus": "gpu NAME:N"}
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 

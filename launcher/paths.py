@@ -53,8 +53,17 @@ def find_config(text: Union[str, Path]) -> Path:
             return ready
     from launcher.errors import UsageError  # errors.py imports this module: import it late
 
-    raise UsageError(f"config file {text} not found; pass --config PATH, or the name of a ready config: "
-                     f"{', '.join(ready_configs())}")
+    if given.is_dir():
+        inside = sorted(p.name for p in given.glob("*.y*ml"))
+        raise UsageError(f"--config {text} is a folder, not a job file; pass the YAML file"
+                         + (f" (in it: {', '.join(inside[:5])})" if inside else ""))
+    import difflib
+
+    near = difflib.get_close_matches(name, ready_configs(), n=1, cutoff=0.5) if given.parent in (
+        Path("."), Path("configs")) else []
+    raise UsageError(f"config file {text} not found; "
+                     + (f"did you mean the ready config {near[0]!r}? " if near else "")
+                     + f"pass --config PATH, or the name of a ready config: {', '.join(ready_configs())}")
 
 
 def runner_module() -> Any:

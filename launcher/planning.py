@@ -229,6 +229,17 @@ def market(config: LaunchConfig, need: ranking.JobNeed, constraints: ranking.Con
     return found
 
 
+def _once(warn: Callable[[str], None]) -> Callable[[str], None]:
+    said: set[str] = set()
+
+    def warn_once(text: str) -> None:
+        if text not in said:
+            said.add(text)
+            warn(text)
+
+    return warn_once
+
+
 def compute_plan(config: LaunchConfig, measured: Sequence[MeasuredSpeed], warn: Callable[[str], None], *,
                  example_tokens: Optional[list[int]] = None, extra_offers: Sequence[Offer] = (),
                  renting: bool = False) -> Plan:
@@ -236,6 +247,7 @@ def compute_plan(config: LaunchConfig, measured: Sequence[MeasuredSpeed], warn: 
     providers that can rent (those asked for among them), and a plan with no fitting rentable
     offer raises (NothingFits, NothingRentable) before anything is spent."""
     constraints = constraints_for(config.resources)
+    warn = _once(warn)  # the market may be asked twice (rentable, then everything): each warning once
     try:
         need = ranking.job_need(config, example_tokens)
     except UnknownModel as e:

@@ -148,6 +148,17 @@ def planned_steps(config: LaunchConfig, examples: int) -> int:
     return max(1, math.ceil(per_epoch * train.epochs))
 
 
+def check_identity(report: PreflightReport, config: LaunchConfig) -> None:
+    """resources.ssh_identity names a key file here (ssh would only warn, then try others)."""
+    identity = config.resources.ssh_identity
+    if identity and not Path(identity).expanduser().is_file():
+        from launcher.errors import EXIT_CONFIG
+
+        report.add("error", "config", f"resources.ssh_identity (--identity): {identity} is not a file here; pass "
+                                      "the path of the private key the target accepts (e.g. ~/.ssh/id_ed25519)",
+                   EXIT_CONFIG)
+
+
 def check_model(report: PreflightReport, config: LaunchConfig, runs_here: bool = False) -> None:
     """model.base: a local folder with a model in it, or a hub id the hub knows. `runs_here`: the
     runner runs on this machine, so a hub this machine cannot reach fails it too (after a minute of

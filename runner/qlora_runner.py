@@ -1168,6 +1168,24 @@ def store_worker(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def read_csv(path: Path, key: str) -> list[dict[str, Any]]:
+    """A CSV file's rows by its header. strict: a quote that is never closed is an error (the lax
+    reader would swallow every line after it into one field and report a missing column)."""
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, strict=True)
+        rows: list[dict[str, Any]] = []
+        last_good_line = 1  # the header's
+        try:
+            for row in reader:
+                rows.append(row)
+                last_good_line = reader.line_num
+        except csv.Error as e:
+            raise DataError(f"{key}: {path} is not valid CSV from line {last_good_line + 1} ({e}): a quote opened "
+                            "there is never closed, or stray text follows a closing one; close the quote, or write "
+                            'a quote inside a quoted field as two ("")') from None
+    return rows
+
+
 def read_records(path: str, is_local: bool, data: DataSection, key: str) -> list[dict[str, Any]]:
     """Read examples from a local file or folder, or a hub dataset, as a list of dicts."""
     if not is_local:
@@ -1205,8 +1223,7 @@ def _read_file(p: Path, key: str) -> list[dict[str, Any]]:
             if not isinstance(records, list):
                 raise DataError(f"{key}: {p} must hold a JSON list of examples (or {{\"data\": [...]}})")
         elif suffix == ".csv":
-            with p.open(encoding="utf-8", newline="") as f:
-                records = list(csv.DictReader(f))
+            records = read_csv(p, key)
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 

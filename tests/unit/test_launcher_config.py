@@ -36,7 +36,7 @@ def test_errors_name_the_file_and_key_path(tmp_path, text, message):
 
 
 def test_an_override_error_names_its_flag(tmp_path):
-    with pytest.raises(launch_config.ConfigError, match=r"resources.gpus \(from --gpus\): must be >= 1, got 0"):
+    with pytest.raises(launch_config.ConfigError, match=r"resources.gpus \(from --gpu NAME:N\): must be >= 1, got 0"):
         launch_config.load(TINY_CONFIG, {"gpus": 0})
 
 
