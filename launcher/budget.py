@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from launcher import clock
 from launcher.runs import RunRecord, RunStore
 
 DEFAULT_SAVE_S = 15.0  # a checkpoint's save and pull when its size cannot be estimated either
@@ -131,14 +132,14 @@ def spend(store: RunStore, record: RunRecord, cap_usd: float, metrics: list[dict
           longest_pull_s: Optional[float], poll_s: float, guess: Guess = Guess(), now: Optional[float] = None) -> Spend:
     from launcher.renting import run_usd
 
-    return Spend(cap_usd=cap_usd, spent_usd=run_usd(store, record, now or time.time()),
+    return Spend(cap_usd=cap_usd, spent_usd=run_usd(store, record, now or clock.now()),
                  usd_per_hour=billing_usd_per_hour(store, record),
                  margin_s=margin_s(metrics, longest_pull_s, poll_s, guess))
 
 
 def month_start(now: Optional[float] = None) -> float:
     """Midnight on the first of this month, local time: where `launch runs`'s monthly total starts."""
-    t = time.localtime(now or time.time())
+    t = time.localtime(now or clock.now())
     return time.mktime((t.tm_year, t.tm_mon, 1, 0, 0, 0, 0, 0, -1))
 
 
@@ -147,7 +148,7 @@ def month_usd(store: RunStore, since: float, now: Optional[float] = None) -> flo
     runs (whose segments are not kept one by one) whole when they were created after it."""
     from launcher.renting import run_usd
 
-    now = now or time.time()
+    now = now or clock.now()
     total = 0.0
     for record in store.touched_since(since):
         machines = store.machines(record.id)

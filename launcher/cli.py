@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +28,7 @@ from rich.markup import escape
 from rich.prompt import Confirm
 from rich.table import Table
 
-from launcher import __version__, job, planning
+from launcher import __version__, clock, job, planning
 from launcher.config import ConfigError, LaunchConfig, load as load_config
 from launcher.paths import DEFAULT_CONFIG, find_config
 from launcher.planning import ANY_GPU
@@ -44,21 +43,25 @@ from launcher.cli_deploy import DEPLOY_COMMANDS, DESCRIPTIONS as DEPLOY_DESCRIPT
 from launcher.cli_deploy import cmd_chat, cmd_merge, cmd_push
 from launcher.cli_export import DESCRIPTION as EXPORT_DESCRIPTION, add_export_arguments, cmd_export
 from launcher.cli_providers import cmd_check, cmd_down_all
+from launcher.cli_prune import DESCRIPTION as PRUNE_DESCRIPTION, add_prune_arguments, cmd_prune
 from launcher.cli_runs import cmd_logs, cmd_runs, cmd_status, render_summary, resolve_run_argument
 from launcher.errors import EXIT_ENVIRONMENT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TARGET, EXIT_USAGE, UsageError
+from launcher.follow_lock import AlreadyFollowed, following
 from launcher.progress import RichReporter
 from launcher.remote import RemoteError
 from launcher.runs import RunNotFound, RunRecord, RunStore
 from launcher.sync import assets_bytes, local_assets
 
-COMMANDS = ("plan", "check", "runs", "status", "logs", "attach", "resume", "pull", "down", *DEPLOY_COMMANDS, "export")
+COMMANDS = ("plan", "check", "runs", "status", "logs", "attach", "resume", "pull", "down", *DEPLOY_COMMANDS, "export",
+            "prune")
 
 
 def launch_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launch", description="QLoRA fine-tuning, launched from your laptop.",
         epilog="other commands: launch plan | check | runs | status RUN | logs RUN [-f] | attach RUN | resume RUN | pull RUN | "
-               "down RUN | merge RUN | push RUN --repo user/name | chat RUN | export --colab --config job.yaml   (launch COMMAND --help for each)")
+               "down RUN | merge RUN | push RUN --repo user/name | chat RUN | export --colab --config job.yaml | prune   "
+               "(launch COMMAND --help for each)")
     parser.add_argument("--config", type=Path, default=None,
                         help=f"job YAML (default: the tiny CPU demo, {DEFAULT_CONFIG.name})")
     parser.add_argument("--target", default=None,
@@ -89,13 +92,17 @@ def command_parser(command: str) -> argparse.ArgumentParser:
         "check": "which providers are usable here (credentials), and the tools this machine needs, with the fix for each",
     }
     descriptions["plan"] = "price the whole job on every offer that can hold it, and pick the cheapest"
-    descriptions.update(DEPLOY_DESCRIPTIONS, export=EXPORT_DESCRIPTION)
+    descriptions.update(DEPLOY_DESCRIPTIONS, export=EXPORT_DESCRIPTION, prune=PRUNE_DESCRIPTION)
     parser = argparse.ArgumentParser(prog=f"launch {command}", description=descriptions[command])
     if command == "plan":
         add_plan_arguments(parser)
         return parser
     if command == "export":
         add_export_arguments(parser)
+        return parser
+    if command == "prune":
+        add_prune_arguments(parser)
+        parser.add_argument("--debug", action="store_true", help="show tracebacks")
         return parser
     if command in DEPLOY_COMMANDS:
         add_deploy_arguments(command, parser)
@@ -178,7 +185,7 @@ def main(argv: Optional[list[str]] = None, console: Optional[Console] = None,
     except KeyboardInterrupt:
         errors.print("[yellow]interrupted[/]")
         return EXIT_INTERRUPTED
-    except (ConfigError, UsageError, job.JobError, planning.PlanError) as e:
+    except (ConfigError, UsageError, job.JobError, planning.PlanError, AlreadyFollowed) as e:
         return _fail(errors, e, e.exit_code, args.debug)
     except RunNotFound as e:
         return _fail(errors, e, EXIT_USAGE, args.debug)
@@ -267,7 +274,7 @@ def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, erro
             errors.print(f"[yellow]warning:[/] {finding.message}", highlight=False)
     if report.errors:
         session.update(status="failed", error=report.errors[0].message, exit_code=report.exit_code,
-                       ended_at=time.time())
+                       ended_at=clock.now())
         if session.machine is not None:
             session.machine.close()
         return _print_errors(errors, report)
@@ -283,11 +290,12 @@ def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, erro
     # The embedded demo (no --config) costs nothing and is what a first `launch` is for: no question.
     ask = not args.yes and args.config is not None and sys.stdin.isatty()
     if ask and not Confirm.ask("Start?", console=console, default=True):
-        session.update(status="stopped", error="not started: declined at the prompt", ended_at=time.time())
+        session.update(status="stopped", error="not started: declined at the prompt", ended_at=clock.now())
         return 0
     reporter = RichReporter(console, quiet=args.json)
     try:
-        outcome = job.launch(session, reporter, detach=args.detach, candidates=plan.candidates if plan else None)
+        with following(session.record.id):
+            outcome = job.launch(session, reporter, detach=args.detach, candidates=plan.candidates if plan else None)
     except KeyboardInterrupt:
         reporter.stopped_following()
         return _interrupted(errors, store, session.record.id)
@@ -438,13 +446,14 @@ def cmd_resume(args: argparse.Namespace, store: RunStore, console: Console, erro
 
 def _drive(action: Any, args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
     reporter = RichReporter(console)
-    session = job.open_session(store, args.run, log=reporter.warn)
-    try:
-        outcome = action(session, reporter)
-    except KeyboardInterrupt:
-        reporter.stopped_following()
-        return _interrupted(errors, store, session.record.id)
-    return _report_outcome(console, outcome, False, store)
+    with following(args.run):  # before the session: a second follower is told, and touches nothing
+        session = job.open_session(store, args.run, log=reporter.warn)
+        try:
+            outcome = action(session, reporter)
+        except KeyboardInterrupt:
+            reporter.stopped_following()
+            return _interrupted(errors, store, session.record.id)
+        return _report_outcome(console, outcome, False, store)
 
 
 def cmd_pull(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
@@ -473,7 +482,7 @@ def cmd_down(args: argparse.Namespace, store: RunStore, console: Console, errors
 
 COMMAND_FUNCTIONS = {"plan": cmd_plan, "check": cmd_check, "runs": cmd_runs, "status": cmd_status, "logs": cmd_logs,
                      "attach": cmd_attach, "resume": cmd_resume, "pull": cmd_pull, "down": cmd_down,
-                     "merge": cmd_merge, "push": cmd_push, "chat": cmd_chat, "export": cmd_export}
+                     "merge": cmd_merge, "push": cmd_push, "chat": cmd_chat, "export": cmd_export, "prune": cmd_prune}
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 
 import yaml
 
-from launcher import budget, planning, renting, storage, sync
+from launcher import budget, clock, planning, renting, storage, sync
 from launcher.checkpoints import LocalCheckpoints
 from launcher.config import LaunchConfig, load as load_config
 from launcher.errors import EXIT_BUDGET, EXIT_TARGET, EXIT_USAGE
@@ -45,6 +47,10 @@ from launcher.workspace import Look, PrepareFailed, Workspace, WorkspaceError
 LOCAL_CONFIG = "job.local.yaml"  # the job as launched (overrides applied, local paths absolute)
 POLL_S = 2.0  # status/checkpoint probe interval while following
 LOST_AFTER_S = 300.0  # no answer from the target for this long: give up following (the job may live on)
+# A rented machine its provider calls running that SSH has not reached for this long is taken
+# for lost (its host is gone or cut off): it bills and trains nothing we can get back, so it is
+# released and the run recovers as after a preemption. QLORA_LAUNCH_UNREACHABLE_S sets it.
+UNREACHABLE_AFTER_S = 180.0
 STOP_GRACE_S = 120.0  # `down`: time the runner gets to checkpoint after SIGTERM
 # Runner exit codes after which `resume` can continue: killed (137), SIGTERM (143), SIGINT (130).
 RESUMABLE_EXIT_CODES = (130, 137, 143)
@@ -192,7 +198,10 @@ class Session:
 
 
 def new_run_id(config: Path) -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{config.stem}-{secrets.token_hex(2)}"
+    """Date, the config's name, 4 hex digits. The name is cut to letters, digits, `.`, `_` and `-`:
+    a run id goes into remote paths, labels, cluster names and store keys."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", config.stem).strip("-.")[:40] or "job"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(2)}"
 
 
 def machine_spec(run_id: str, identity: Optional[str]) -> MachineSpec:
@@ -282,13 +291,13 @@ def starting(session: Session, reporter: Reporter) -> Iterator[None]:
         if session.record.status != "running":
             release(session, "interrupted", reporter)
             session.update(status="interrupted", error="Ctrl-C before the runner started; nothing is running",
-                           ended_at=time.time())
+                           ended_at=clock.now())
         raise
     except (WorkspaceError, PrepareFailed, JobError, ProviderError) as e:
         raise failed_to_start(session, e, reporter) from None
     except Exception as e:
         release(session, "failed", reporter)
-        session.update(status="failed", error=f"{type(e).__name__}: {e}", ended_at=time.time())
+        session.update(status="failed", error=f"{type(e).__name__}: {e}", ended_at=clock.now())
         raise
 
 
@@ -302,7 +311,7 @@ def failed_to_start(session: Session, e: Exception, reporter: Reporter) -> JobEr
     """The runner did not start: release a rented machine, record the failure; the error to raise."""
     release(session, "failed", reporter)
     code = getattr(e, "exit_code", EXIT_TARGET)
-    session.update(status="failed", error=str(e), ended_at=time.time(), exit_code=code)
+    session.update(status="failed", error=str(e), ended_at=clock.now(), exit_code=code)
     return JobError(str(e), code)
 
 
@@ -320,15 +329,19 @@ def rent_machine(session: Session, candidates: list[Offer], reporter: Reporter) 
 
 
 def release(session: Session, reason: str, reporter: Reporter, when: Optional[float] = None) -> None:
-    """Stop paying for a rented machine (destroy it) and close its record; own boxes: nothing."""
+    """Stop paying for a rented machine (destroy it) and close its record; own boxes: nothing.
+    A destroy that fails leaves the machine's record open: counted as billing (as it may well
+    be) until a later `launch down RUN` destroys it."""
     if not session.holds_rented_machine:
         return
     assert session.machine is not None and session.record.target is not None
-    session.store.end_machine(session.record.id, session.record.target, reason, when)
     try:
         session.provider.terminate(session.machine)
     except ProviderError as e:
-        reporter.warn(str(e))
+        reporter.warn(f"{e}; until then run {session.record.id} counts {session.record.target} as billing "
+                      f"(`launch down {session.record.id}` tries again)")
+        return
+    session.store.end_machine(session.record.id, session.record.target, reason, when or clock.now())
 
 
 def drive(session: Session, reporter: Reporter) -> Outcome:
@@ -373,7 +386,7 @@ def stop_for_budget(session: Session, spend: budget.Spend, reporter: Reporter) -
     renting.may_rent_again(session.run_dir)
     outcome = finish(session, seen, reporter, files_pulled=True) if seen is not None else \
         Outcome(session.record, session.run_dir)
-    now = time.time()
+    now = clock.now()
     spent = session.spent_usd(now)
     session.update(status="stopped", stop_reason=budget.STOPPED_FOR, ended_at=now, started_at=None,
                    elapsed_s=session.elapsed_s(now) if seen is None else session.record.elapsed_s,
@@ -398,7 +411,7 @@ def next_session(session: Session, seen: Look, resumed_from: int, reporter: Repo
     """The session ended at its limit: start the runner again (a new session: the workspace's
     start opens one) from the newest checkpoint; the step it resumes from, or None when the run
     stopped instead (the quota cannot hold another session: `stopped`, resumable)."""
-    now = time.time()
+    now = clock.now()
     newest = max(seen.complete_steps, default=-1)
     session.update(elapsed_s=session.elapsed_s(now), started_at=None, step=seen.status.get("step", session.record.step))
     if newest <= resumed_from:
@@ -432,7 +445,7 @@ def recover(session: Session, state: str, reporter: Reporter, *, force: bool = F
     if session.record.status == "stopped":
         reporter.phase(f"{session.record.target} was released when the run stopped; renting a machine to resume on")
     else:
-        now = time.time()
+        now = clock.now()
         lost = session.record.target
         reporter.warn(f"{lost} was {state} at step {session.record.step}; the newest checkpoint here is "
                       f"checkpoint-{session.record.pulled_step}")
@@ -476,7 +489,7 @@ def start_runner(session: Session, reporter: Reporter, *, resume: bool) -> None:
     except storage.StorageProblem as e:
         raise JobError(str(e), e.exit_code) from None
     job = session.ws.start(python, resume=resume, topology=topology_for(config.resources), env=env)
-    session.update(status="running", pid=job, python=python, started_at=time.time(), exit_code=None, error=None,
+    session.update(status="running", pid=job, python=python, started_at=clock.now(), exit_code=None, error=None,
                    ended_at=None, stop_reason=None)
     reporter.started(session.record)
 
@@ -509,10 +522,15 @@ def raise_if_lost(session: Session) -> None:
             raise MachineLost(machine_state) from None
 
 
+def unreachable_after_s() -> float:
+    return float(os.environ.get("QLORA_LAUNCH_UNREACHABLE_S") or UNREACHABLE_AFTER_S)
+
+
 def follow_run(session: Session, reporter: Reporter) -> Outcome:
     """Stream metrics until the runner ends, pulling each new complete checkpoint; then the
     final pull. Survives dropped connections; after LOST_AFTER_S without an answer it stops
-    following and leaves the run `running` (it may well be), with how to attach."""
+    following and leaves the run `running` (it may well be), with how to attach. A rented
+    machine silent for unreachable_after_s() while its provider says it runs is lost."""
     state: dict[str, Any] = {"done": None, "last_poll": 0.0, "last_contact": time.monotonic(), "total": None,
                              "warned": False}
 
@@ -524,7 +542,10 @@ def follow_run(session: Session, reporter: Reporter) -> Outcome:
             if not state["warned"]:
                 reporter.warn(f"lost contact with {session.record.target} ({e}); retrying")
                 state["warned"] = True
-            if time.monotonic() - state["last_contact"] > LOST_AFTER_S:
+            silent_s = time.monotonic() - state["last_contact"]
+            if session.holds_rented_machine and silent_s > unreachable_after_s():
+                raise MachineLost("unreachable") from None
+            if silent_s > LOST_AFTER_S:
                 raise JobError(f"no answer from {session.record.target} for {LOST_AFTER_S:.0f} s; the job may still "
                                f"be running: `launch attach {session.record.id}` when it is back", EXIT_TARGET) from None
             return
@@ -585,7 +606,7 @@ def finish(session: Session, seen: Look, reporter: Reporter, files_pulled: bool 
     pull_new_checkpoints(session, seen.complete_steps, reporter)
     if not files_pulled:
         session.ws.fetch_results(session.run_dir)
-    now = time.time()
+    now = clock.now()
     # The runner's last status write is when it ended (we may attach hours later); the
     # target's clock may be off from ours, so it only ever shortens the segment.
     ended = seen.status.get("updated_at")
@@ -917,7 +938,7 @@ def down(session: Session, reporter: Reporter) -> RunRecord:
         session.provider.terminate(session.machine)
     if session.record.status in ("done", "failed", "stopped"):  # stopped: a repeated `down`
         return session.record
-    now = time.time()
+    now = clock.now()
     return session.update(status="stopped", stop_reason="down", ended_at=now, elapsed_s=session.elapsed_s(now),
                           started_at=None,
                           exit_code=seen.exit_code if seen else None,

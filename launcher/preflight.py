@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional
 
 from launcher.config import LaunchConfig, runner_module
 from launcher.errors import EXIT_DATA, EXIT_ENVIRONMENT, EXIT_MODEL, EXIT_TARGET
-from launcher.remote import Machine, RemoteError, Unreachable
+from launcher.remote import Machine, RemoteError, Unreachable, shell_path
 
 
 CHARS_PER_TOKEN = 4.0  # the usual English average; used only when no local tokenizer is at hand
@@ -258,7 +258,7 @@ def check_target(report: PreflightReport, machine: Machine, workdir: str, need_g
     try:
         machine.ensure_connected()
         out = machine.run(
-            f"mkdir -p {workdir} && cd {workdir} && df -Pk . | tail -1 && "
+            f"mkdir -p {shell_path(workdir)} && cd {shell_path(workdir)} && df -Pk . | tail -1 && "
             "(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true)", timeout=60).stdout
     except Unreachable as e:
         report.add("error", "target", str(e), EXIT_TARGET)

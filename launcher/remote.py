@@ -29,7 +29,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 from urllib.parse import urlsplit
 
+from launcher.runs import private_file, private_folder
+
 SSH_CONNECT_TIMEOUT_S = 10
+
+
+def shell_path(path: str) -> str:
+    """`path` as one word of a POSIX shell command line: quoted whole, but for a leading `~` or
+    `~/`, left bare so the remote shell expands it to that user's home."""
+    if path == "~":
+        return path
+    if path.startswith("~/"):
+        return "~/" + shlex.quote(path[2:])
+    return shlex.quote(path)
 # The user's own SSH keys a rented machine gets (the public half), in the order they are tried;
 # without one, a key is made for the launcher in the state directory (providers/vast.launcher_key).
 USER_SSH_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_rsa")
@@ -147,7 +159,9 @@ class Machine:
 
     def _rsync(self, source: str, destination: str, delete: bool, exclude: tuple[str, ...] = ()) -> TransferStats:
         self.ensure_connected()
-        argv = ["rsync", "--archive", "--partial", "--stats", *self.rsync_args()]
+        # --protect-args: the remote path goes over rsync's protocol, not through the remote
+        # shell (rsync 3.2's own escaping lets backticks through: a path is never a command).
+        argv = ["rsync", "--archive", "--partial", "--stats", "--protect-args", *self.rsync_args()]
         argv += ["--delete"] if delete else []
         argv += [f"--exclude={pattern}" for pattern in exclude]
         argv += [source, destination]
@@ -292,8 +306,9 @@ class SSHMachine(Machine):
         self.address = address
         self.options = options
         self.name = str(address)
-        options.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-        options.control_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_folder(options.known_hosts.parent)
+        private_file(options.known_hosts)  # ssh appends to it, keeping its mode
+        private_folder(options.control_dir)
 
     @property
     def control_path(self) -> str:
@@ -368,7 +383,7 @@ class SSHMachine(Machine):
             err.seek(0)
             message = err.read().decode(errors="replace").strip()
         if proc.returncode != 0:
-            raise Unreachable(f"{self.address}: cannot connect: {_ssh_reason(message)}")
+            raise Unreachable(f"{self.address}: cannot connect: {_ssh_reason(message, self.options.known_hosts)}")
 
     def close(self) -> None:
         try:
@@ -418,7 +433,7 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 0.5) -> None:
         pass  # the group is gone already
 
 
-def _ssh_reason(stderr: str) -> str:
+def _ssh_reason(stderr: str, known_hosts: Optional[Path] = None) -> str:
     """ssh's own last words, with the fix for the usual ones."""
     lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("Warning: Permanently added")]
     last = lines[-1] if lines else "ssh exited without a message"
@@ -426,7 +441,9 @@ def _ssh_reason(stderr: str) -> str:
         return (f"{last}; the target does not accept our key: add your public key to its "
                 "~/.ssh/authorized_keys or set resources.ssh_identity / --identity")
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr or "Host key verification failed" in last:
-        return f"{last}; the host key differs from the one recorded for this run: check you reach the same machine"
+        return (f"{last}; the host key differs from the one recorded for this run (known_hosts: "
+                f"{known_hosts or 'this run'}): it may not be the same machine. If it was reinstalled, remove its "
+                "line from that file and try again; if not, do not connect")
     if "Connection refused" in last or "timed out" in last or "No route" in last or "resolve" in last:
         return f"{last}; check the host and port, and that sshd runs there"
     return last

@@ -7,11 +7,11 @@ which provider rents each offer comes from the registry (the offer's provider)."
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from launcher import clock
 from launcher.providers import provider_named, renter_name
 from launcher.providers.base import CredentialsError, MachineSpec, Offer, Provider, ProviderError, Provisioned
 from launcher.remote import RemoteError
@@ -117,6 +117,6 @@ def run_usd(store: RunStore, record: RunRecord, now: Optional[float] = None) -> 
 
 
 def machines_json(store: RunStore, run_id: str) -> list[dict[str, Any]]:
-    now = time.time()
+    now = clock.now()
     return [{**asdict(m), "seconds": round(m.seconds(now), 1), "usd": round(m.usd(now), 6)}
             for m in store.machines(run_id)]

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import sqlite3
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from launcher import clock
 
 # created -> starting -> running -> done | failed | preempted | interrupted | stopped
 # (interrupted: the runner or its machine died mid-run, or Ctrl-C on the local target; stopped:
@@ -27,6 +28,20 @@ def state_dir() -> Path:
         return Path(home).expanduser()
     xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(xdg) / "qlora-launch"
+
+
+def private_folder(path: Path) -> Path:
+    """A folder of the state directory: only this user may list or enter it (0700)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """A state file (run records, known hosts, keys' neighbours): read and written by this user only (0600)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
+    return path
 
 
 class RunNotFound(KeyError):
@@ -73,7 +88,7 @@ class RunRecord:
 
     def runner_seconds(self, now: Optional[float] = None) -> float:
         """The runner's time: its finished segments, plus the one running since started_at."""
-        running = (now or time.time()) - self.started_at if self.started_at else 0.0
+        running = (now or clock.now()) - self.started_at if self.started_at else 0.0
         return (self.elapsed_s or 0.0) + running
 
 
@@ -94,7 +109,7 @@ class MachineRecord:
     id: Optional[int] = None
 
     def seconds(self, now: Optional[float] = None) -> float:
-        return max(0.0, (self.ended_at or now or time.time()) - self.started_at)
+        return max(0.0, (self.ended_at or now or clock.now()) - self.started_at)
 
     def usd(self, now: Optional[float] = None) -> float:
         return self.usd_per_hour * self.seconds(now) / 3600
@@ -133,11 +148,14 @@ class RunStore:
     """The run records table. Each call commits: a killed launcher loses nothing it recorded."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
+        private_folder(path.parent)
+        self.path = private_file(path)
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None)  # autocommit
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")  # a reader (launch status) never blocks a writer
+        for companion in (Path(f"{path}-wal"), Path(f"{path}-shm")):  # SQLite makes them 0644 by the umask
+            if companion.exists():
+                os.chmod(companion, 0o600)
         columns = ", ".join(
             f"{f.name} {_SQL_TYPES[str(f.type)]}{' PRIMARY KEY' if f.name == 'id' else ''}"
             for f in dataclasses.fields(RunRecord)
@@ -157,7 +175,7 @@ class RunStore:
         return cls(state_dir() / "runs.sqlite")
 
     def create(self, record: RunRecord) -> RunRecord:
-        now = time.time()
+        now = clock.now()
         record = dataclasses.replace(record, created_at=now, updated_at=now)
         values = dataclasses.asdict(record)
         self._db.execute(
@@ -172,7 +190,7 @@ class RunStore:
             raise ValueError(f"cannot set {', '.join(sorted(unknown))} on a run record")
         if "status" in fields and fields["status"] not in STATUSES:
             raise ValueError(f"unknown run status {fields['status']!r}; one of {', '.join(STATUSES)}")
-        fields["updated_at"] = time.time()
+        fields["updated_at"] = clock.now()
         assignments = ", ".join(f"{name} = ?" for name in fields)
         cursor = self._db.execute(f"UPDATE runs SET {assignments} WHERE id = ?", [*fields.values(), run_id])
         if cursor.rowcount == 0:
@@ -230,7 +248,7 @@ class RunStore:
     def end_machine(self, run_id: str, target: str, reason: str, ended_at: Optional[float] = None) -> None:
         """Close the open segment of `target` (idempotent: an ended one keeps its first end)."""
         self._db.execute("UPDATE machines SET ended_at = ?, end_reason = ? WHERE run_id = ? AND target = ? "
-                         "AND ended_at IS NULL", [ended_at or time.time(), reason, run_id, target])
+                         "AND ended_at IS NULL", [ended_at or clock.now(), reason, run_id, target])
 
     def machines(self, run_id: str) -> list[MachineRecord]:
         rows = self._db.execute("SELECT * FROM machines WHERE run_id = ? ORDER BY id", [run_id]).fetchall()

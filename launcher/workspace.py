@@ -27,7 +27,7 @@ from launcher.config import LaunchConfig
 from launcher.distributed import NODE_ENV_NAME, Topology, runner_command, runner_environment
 from launcher.errors import EXIT_ENVIRONMENT
 from launcher.paths import CLUSTER_TEMPLATES, RUNNER_FILE, RUNNER_REQUIREMENTS, runner_module
-from launcher.remote import Machine, RemoteError
+from launcher.remote import Machine, RemoteError, shell_path
 
 EXIT_CODE_FILE = "exit_code"
 REMOTE_CONFIG = "job.yaml"  # what the runner reads on the target
@@ -245,7 +245,7 @@ class ShellWorkspace(Workspace):
 
 def resolve_workdir(machine: Machine, workdir: str) -> str:
     """The workdir as an absolute path on the machine (`~` expanded there, by its shell)."""
-    quoted = workdir if workdir.startswith("~") else shlex.quote(workdir)
+    quoted = shell_path(workdir)
     out = machine.run(f"mkdir -p {quoted} && cd {quoted} && pwd -P", timeout=60).stdout.strip().splitlines()
     return out[-1]
 

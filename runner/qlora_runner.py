@@ -60,6 +60,7 @@ import argparse
 import csv
 import dataclasses
 import difflib
+import errno
 import json
 import math
 import os
@@ -1671,6 +1672,45 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+LOW_DISK_BYTES = 64 * 2**20  # a write that failed with less free than this: the disk is why
+
+
+def is_disk_full(e: BaseException, folder: Path) -> bool:
+    """A write that failed for want of disk: ENOSPC/EDQUOT anywhere in the exception's chain, the
+    text safetensors gives it ("StorageFull"), or torch's "file write failed" (PytorchStreamWriter
+    drops the errno) on a disk that is nearly full."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return True
+        text = str(seen)
+        if "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text:
+            return True
+        if "write failed" in text and _free_bytes(folder) < LOW_DISK_BYTES:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
+
+
+def disk_full_message(run: RunDir) -> str:
+    """One line, after the half-written save is removed: where, what is kept, what to change."""
+    step = run.read_status().get("step", 0)
+    complete = complete_checkpoints(run.checkpoints)
+    kept = f"checkpoint-{complete[-1][0]} is the newest complete checkpoint (kept)" if complete else \
+        "no checkpoint was complete yet"
+    return (f"disk full at step {step}: {_free_bytes(run.root) / 2**20:.1f} MB free on the disk of {run.root} "
+            f"(the half-written checkpoint is removed); {kept}; free space there or give the machine a bigger "
+            "disk, or keep fewer checkpoints (train.keep_checkpoints), then `launch resume`")
+
+
 # ---------------------------------------------------------------------------------------------
 # Data parallel: one process (rank) per GPU, started by accelerate launch (torch's elastic agent)
 # ---------------------------------------------------------------------------------------------
@@ -2313,6 +2353,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if is_oom(e):
             code = EXIT_OOM
             _fail(run, code, oom_message(e, run), args.debug)
+        elif is_disk_full(e, run.root):
+            code = EXIT_ENVIRONMENT
+            shutil.rmtree(run.incoming, ignore_errors=True)  # the partial save: space for the status
+            _fail(run, code, disk_full_message(run), args.debug)
         else:
             code = EXIT_INTERNAL
             _fail(run, code, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", args.debug)

@@ -77,3 +77,10 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a file; [] when it is not there."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -13,12 +13,12 @@ lifecycle and the renting loop catch one family."""
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Optional
 
+from launcher import clock
 from launcher.remote import Machine
 
 # "idle": ready and billing nothing, running nothing of ours (a Kaggle kernel between sessions): not lost.
@@ -100,7 +100,7 @@ class Provisioned:
     machine: Machine
     machine_id: str
     usd_per_hour: float = 0.0
-    started_at: float = field(default_factory=time.time)
+    started_at: float = field(default_factory=clock.now)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from launcher import catalog
+from launcher import catalog, clock
 from launcher.paths import SHIPPED_CATALOGS
 from launcher.providers import sky_client, sky_managed
 from launcher.providers.base import (
@@ -347,7 +347,7 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
                                    self.settings.launch_timeout_s)
             finally:
                 sink.close()
-            running_since = time.time()
+            running_since = clock.now()
             machine = self._reach(cluster, spec)
             # The catalog's price is per machine: every node of the cluster bills it.
             return Provisioned(machine, cluster, offer.usd_per_hour * self.nodes, running_since)
@@ -368,7 +368,7 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
         offer_file(spec.run_id).parent.mkdir(parents=True, exist_ok=True)
         offer_file(spec.run_id).write_text(json.dumps(dataclasses.asdict(offer)))
         _, controller = sky_managed.controller_usd_per_hour(offer.provider, self.settings.controller_usd_per_hour)
-        return Provisioned(job, job.machine_id, offer.usd_per_hour + controller, time.time())
+        return Provisioned(job, job.machine_id, offer.usd_per_hour + controller, clock.now())
 
     def _reach(self, cluster: str, spec: MachineSpec) -> SkyMachine:
         deadline = time.monotonic() + self.settings.ssh_timeout_s

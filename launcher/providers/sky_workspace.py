@@ -12,6 +12,7 @@ file); rank 0, on the head, writes the run's files, so looks, streams and fetche
 
 from __future__ import annotations
 
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, TypeVar
@@ -76,7 +77,7 @@ class ClusterWorkspace(Workspace):
             self.rearm()
         jobs = self._each(lambda node: node.start(python, resume=resume, topology=topology, env=env))
         for node, job in zip(self.nodes[1:], jobs[1:]):
-            node.machine.run(f"echo {job} > {node.folder}/{JOB_PID_FILE}", timeout=60)
+            node.machine.run(f"echo {job} > {shlex.quote(f'{node.folder}/{JOB_PID_FILE}')}", timeout=60)
         return jobs[0]
 
     def look(self, job: Optional[int]) -> Look:

@@ -20,7 +20,6 @@ import base64
 import gzip
 import io
 import os
-import shlex
 import subprocess
 import tarfile
 import time
@@ -29,6 +28,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from launcher import clock
 from launcher.paths import CLUSTER_TEMPLATES, RUNNER_REQUIREMENTS
 from launcher.providers.base import (
     LABEL_PREFIX, Availability, LabelledMachine, MachineSpec, MachineState, NeedsCredentials, Need, Offer, Provider,
@@ -37,7 +37,7 @@ from launcher.providers.base import (
 from launcher.providers.vast_api import (
     KEY_FILES, VastAPI, VastAuthError, VastBadReply, VastError, VastRateLimited, VastServerError, api_key_source,
 )
-from launcher.remote import USER_SSH_KEYS, Machine, SSHAddress, SSHMachine, SSHOptions, Unreachable
+from launcher.remote import USER_SSH_KEYS, Machine, SSHAddress, SSHMachine, SSHOptions, Unreachable, shell_path
 from launcher.runs import state_dir
 
 WATCHDOG = CLUSTER_TEMPLATES / "idle_watchdog.py"  # with QLORA_WATCHDOG_ON_IDLE=stop-vast (its default)
@@ -190,10 +190,17 @@ class VastProvider(Provider, Restartable, Sweepable, NeedsCredentials):
                                 "set VAST_API_KEY for live offers)")
         identity, public_key = launcher_key(spec.identity)
         self._register_key(public_key)
-        instance_id = self._create(offer, spec, public_key)
+        try:
+            instance_id = self._create(offer, spec, public_key)
+        except KeyboardInterrupt:
+            # Ctrl-C while the create call was out: it may have rented the machine all the same.
+            made = self._labelled_live(label_for(spec.run_id))
+            if made is not None:
+                self._destroy_quietly(made, "interrupted while it was being created")
+            raise
         try:
             row = self._wait_running(instance_id)
-            running_since = time.time()  # billing of the GPU starts about here
+            running_since = clock.now()  # billing of the GPU starts about here
             self.api.attach_ssh_key(instance_id, public_key)
             machine = self._reach(instance_id, row, spec, identity)
             real = float(row.get("dph_total") or 0)
@@ -436,7 +443,7 @@ def onstart_command(settings: VastSettings, workdir: str, prebuild_venv: bool = 
                                           if n == 0 or not line.lstrip().startswith("#")) + "\n"
     packed = base64.b64encode(_tar_gz(files)).decode()
     folder = "$HOME/.qlora-launch"
-    work = workdir.replace("~", "$HOME", 1) if workdir.startswith("~") else shlex.quote(workdir)
+    work = shell_path(workdir).replace("~", "$HOME", 1) if workdir.startswith("~") else shell_path(workdir)
     command = (f"mkdir -p {folder} && echo {packed} | base64 -d | tar xz -C {folder} && "
                f"(QLORA_WATCHDOG_IDLE_S={int(settings.watchdog_idle_minutes * 60)} QLORA_WORKDIR={work} "
                f"nohup python3 {folder}/idle_watchdog.py >> {folder}/watchdog.log 2>&1 &)")

@@ -233,6 +233,7 @@ class MemoryCloud:
         self.machines: dict[str, MemoryMachine] = {}
         self.calls: list[tuple[Any, ...]] = []
         self.failing_offers: set[int] = set()  # provision of these fails (no capacity)
+        self.failing_terminations = 0  # the next terminate calls fail (the provider's API is down)
         self.prepare_error: Optional[str] = None  # prepare fails with this reason
         self.faults: list[Fault] = []
         self._next_machine = 100
@@ -379,6 +380,9 @@ class MemoryProvider(Provider, Restartable, Sweepable):
     def terminate(self, machine: Machine) -> None:
         machine_id = getattr(machine, "machine_id", None)
         self.cloud.calls.append(("terminate", machine_id))
+        if self.cloud.failing_terminations:
+            self.cloud.failing_terminations -= 1
+            raise ProviderError(f"{machine.name} may still be billing: destroying it failed (HTTP 500)")
         known = self.cloud.machines.get(machine_id or "")
         if known is not None and known.terminated_at is None:
             known.terminated_at = time.time()

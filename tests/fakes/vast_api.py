@@ -28,8 +28,10 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -206,6 +208,7 @@ class FakeVast:
         self.break_direct = False  # the direct port is closed: only the proxy works
         self.mangle_instance_list = False  # GET instances answers with a body of an unknown shape
         self.lose_create_replies = 0  # the next creates rent the machine, then answer 502 (a lost reply)
+        self.create_reply_delay_s = 0.0  # creates rent the machine, then answer this much later
         self.broken_direct_port = free_port()
         self._next_id = 5000
         self._lock = threading.RLock()
@@ -306,6 +309,18 @@ class FakeVast:
         _kill_instance(instance, 0.0)
         _reap(instance)
 
+    def stop_sshd(self, instance_id: int) -> None:
+        """The host is cut off while the API still says running (and bills): its sshd and every
+        open SSH session die; what runs detached on it (the runner) goes on, unreachable."""
+        instance = self.instances[instance_id]
+        if instance.sshd is not None and instance.sshd.poll() is None:
+            for pid in [instance.sshd.pid, *_descendants(instance.sshd.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        _reap(instance)
+
     # ---- the API ----------------------------------------------------------------------------
 
     def handle(self, method: str, raw_path: str, body: Any, authorization: Optional[str]) -> Any:
@@ -343,7 +358,10 @@ class FakeVast:
             match = re.fullmatch(pattern, path)
             if match and route_method == method:
                 with self._lock:
-                    return action(*match.groups())
+                    reply = action(*match.groups())
+                if pattern.startswith(r"/api/v0/asks"):
+                    time.sleep(self.create_reply_delay_s)  # rented already; the reply is slow to come
+                return reply
         raise ApiFailure(404, {"success": False, "error": "not_found", "msg": f"{method} {path}"})
 
     def _authorize(self, authorization: Optional[str]) -> Optional[int]:
@@ -666,12 +684,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="A fake Vast.ai API with real SSH-reachable instances.")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--catalog", type=Path, required=True, help="SkyPilot vast vms.csv")
-    parser.add_argument("--folder", type=Path, default=Path("fake-vast"), help="where instances live")
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="where instances live (default: a temporary folder, removed when the fake stops; "
+                             "a folder given here is kept)")
     parser.add_argument("--api-key", default=ACCOUNT_KEY)
     args = parser.parse_args()
-    fake = FakeVast(args.catalog, args.folder.resolve(), api_key=args.api_key).start(args.port)
-    print(f"fake Vast.ai API on {fake.url} (user {getpass.getuser()}); VAST_API_KEY={args.api_key}", flush=True)
-    serve_until_interrupted(fake.stop)
+    folder = args.folder.resolve() if args.folder else Path(tempfile.mkdtemp(prefix="fake-vast-"))
+    fake = FakeVast(args.catalog, folder, api_key=args.api_key).start(args.port)
+    print(f"fake Vast.ai API on {fake.url} (user {getpass.getuser()}); VAST_API_KEY={args.api_key}; "
+          f"instances in {folder}", flush=True)
+
+    def stop() -> None:
+        fake.stop()  # every instance destroyed: its processes killed
+        if args.folder is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    serve_until_interrupted(stop)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ the user runs it (a subprocess, so it can be killed like one)."""
 
 from __future__ import annotations
 
+import getpass
 import os
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from typing import Any, Callable, Optional
 import pytest
 
 from launcher.runs import RunRecord, RunStore
-from tests.helpers import ROOT
+from tests.fakes.vast_api import ACCOUNT_KEY, FakeVast
+from tests.helpers import ROOT, tiny_job, uninterrupted_losses
 from tests.sshd import SSHD, SSHServer, start_sshd
 
 
@@ -85,6 +87,47 @@ class Launcher:
 @pytest.fixture
 def launcher(tmp_path) -> Launcher:
     return Launcher(tmp_path)
+
+
+VAST_CATALOG = ROOT / "catalogs" / "v8" / "vast" / "vms.csv"
+STEPS_60 = {"max_steps": 60, "save_every": 10, "eval_every": 20}  # the launcher tests' job: several seconds
+
+
+@pytest.fixture(scope="session")
+def reference_losses_60(tmp_path_factory) -> dict[int, float]:
+    """The runner's own uninterrupted run of the tiny job with STEPS_60 (where it runs and what
+    resources say change nothing in training): what every launched, faulted, resumed run of it
+    must match at every step."""
+    folder = tmp_path_factory.mktemp("reference-60")
+    return uninterrupted_losses(tiny_job(folder / "job.yaml", train=STEPS_60), folder / "out")
+
+
+@pytest.fixture
+def vast(tmp_path) -> FakeVast:
+    """The fake Vast.ai API; the test fails if it leaves an instance alive."""
+    fake = FakeVast(VAST_CATALOG, tmp_path / "vast", loading_s=0.3).start()
+    yield fake
+    alive = fake.alive()
+    fake.stop()
+    assert alive == [], f"instances still alive on the fake Vast.ai at the end of the test: {alive}"
+
+
+class VastLauncher(Launcher):
+    """`launch` pointed at the fake through the vastai client's own settings."""
+
+    fake: FakeVast
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return super().env(**{"VAST_URL": self.fake.url, "VAST_API_KEY": ACCOUNT_KEY,
+                               "QLORA_LAUNCH_VAST_SSH_USER": getpass.getuser(), "QLORA_LAUNCH_VAST_POLL_S": "0.2",
+                               **extra})
+
+
+@pytest.fixture
+def vast_launcher(tmp_path, vast) -> VastLauncher:
+    runner = VastLauncher(tmp_path)
+    runner.fake = vast
+    return runner
 
 
 def ssh_args(server: SSHServer, *extra: str) -> list[str]:

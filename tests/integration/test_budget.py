@@ -21,20 +21,12 @@ from launcher.estimate import STARTUP_HOURS
 from launcher.runs import RunRecord
 from tests.fakes.vast_api import FakeVast
 from tests.helpers import tiny_job, train_losses, uninterrupted_losses
-from tests.integration.conftest import Launcher, output_of
-from tests.integration.test_vast import CATALOG, VastLauncher, assert_spent_matches, machines_of
+from tests.integration import fault_table
+from tests.integration.conftest import Launcher, VastLauncher, output_of
+from tests.integration.test_vast import assert_spent_matches, machines_of
 
 LONG = 2000  # steps: minutes of training on the CPU, never reached under these caps
 EXIT_BUDGET = 10
-
-
-@pytest.fixture
-def vast(tmp_path) -> FakeVast:
-    fake = FakeVast(CATALOG, tmp_path / "vast", loading_s=0.3).start()
-    yield fake
-    alive = fake.alive()
-    fake.stop()
-    assert alive == [], f"instances still alive on the fake Vast.ai at the end of the test: {alive}"
 
 
 def long_job(path: Path, **resources) -> Path:
@@ -98,6 +90,9 @@ def test_the_cap_stops_a_rented_run_mid_way_and_a_higher_cap_continues_it(tmp_pa
     reference = uninterrupted_losses(tiny_job(tmp_path / "ref.yaml", **_same_job(config, record.step)),
                                      tmp_path / "ref")
     assert got == pytest.approx(reference, abs=1e-5)
+    # Not $ wasted: the job is longer than the clean run's; what the cap let it spend.
+    fault_table.report("budget cap reached mid-run, then resume with a higher cap", "vast", recovered=True,
+                       end_state="stopped: budget (twice)", steps_redone=0, orphans=len(vast.alive()))
 
 
 def test_the_cap_holds_on_your_own_box_at_the_price_you_gave(launcher: Launcher):

@@ -15,25 +15,21 @@ from typing import Optional
 import pytest
 
 from launcher.remote import SSHAddress, SSHMachine, SSHOptions
-from tests.helpers import read_json, run_runner, tiny_job, train_losses
-from tests.integration.conftest import Launcher, output_of, runner_step, ssh_args
+from tests.helpers import read_json, tiny_job, train_losses
+from tests.integration import fault_table
+from tests.integration.conftest import STEPS_60, Launcher, output_of, runner_step, ssh_args
 
-STEPS = 60  # long enough (several seconds) for the mid-run events the tests provoke
+STEPS = STEPS_60["max_steps"]  # long enough (several seconds) for the mid-run events the tests provoke
 
 
 def job(path: Path, remote: Path, train: Optional[dict] = None) -> Path:
-    return tiny_job(path, train={"max_steps": STEPS, "save_every": 10, "eval_every": 20, **(train or {})},
+    return tiny_job(path, train={**STEPS_60, **(train or {})},
                     resources={"workdir": str(remote)})
 
 
-@pytest.fixture(scope="module")
-def reference_losses(tmp_path_factory) -> dict[int, float]:
-    """The runner's own uninterrupted run of the same job: what every launched run must match."""
-    folder = tmp_path_factory.mktemp("reference")
-    config = job(folder / "job.yaml", folder / "unused")
-    proc = run_runner(config, folder / "out")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return train_losses(folder / "out")
+@pytest.fixture
+def reference_losses(reference_losses_60) -> dict[int, float]:
+    return reference_losses_60
 
 
 def target_args(kind: str, sshd) -> list[str]:
@@ -107,6 +103,8 @@ def test_killed_launcher_then_attach_finishes_the_job(launcher: Launcher, sshd, 
     assert (record.status, record.step) == ("done", STEPS)
     assert (Path(record.run_dir) / "adapter" / "adapter_model.safetensors").is_file()
     assert train_losses(Path(record.run_dir)) == pytest.approx(reference_losses, abs=1e-5)
+    fault_table.report("launcher SIGKILL, then attach", kind, recovered=True, end_state=record.status,
+                       steps_redone=0)
 
 
 @pytest.mark.parametrize("kind, command", [("ssh", "resume"), ("local", "attach")])
@@ -116,6 +114,7 @@ def test_killed_runner_then_resume_gives_the_same_losses(launcher: Launcher, ssh
     record, proc, out = kill_runner_mid_run(launcher, ["--config", str(config), *target_args(kind, sshd)],
                                             lambda r: runner_step(r.remote_dir) >= 25)
     assert proc.returncode == 137, out[-3000:]
+    reached = fault_table.status_step(Path(record.remote_dir) / "status.json")
     record = launcher.records()[0]
     assert record.status == "interrupted" and "launch resume" in record.error
     assert f"launch resume {record.id}" in out
@@ -124,6 +123,8 @@ def test_killed_runner_then_resume_gives_the_same_losses(launcher: Launcher, ssh
     record = launcher.records()[0]
     assert (record.status, record.step) == ("done", STEPS)
     assert train_losses(Path(record.run_dir)) == pytest.approx(reference_losses, abs=1e-5)
+    fault_table.report(f"runner SIGKILL mid-run, then {command}", kind, recovered=True, end_state=record.status,
+                       steps_redone=fault_table.steps_redone(reached, Path(record.run_dir)))
 
 
 def test_resume_puts_back_the_checkpoint_a_wiped_target_lost(launcher: Launcher, sshd, reference_losses):
@@ -161,7 +162,11 @@ def test_streaming_survives_a_dropped_connection(launcher: Launcher, sshd, refer
     assert f"step {STEPS}/{STEPS}" in out  # the stream went on after the drop
     assert machine.master_pid() not in (None, master)  # through a new shared connection
     machine.close()
-    assert launcher.records()[0].status == "done"
+    record = launcher.records()[0]
+    assert record.status == "done"
+    assert train_losses(Path(record.run_dir)) == pytest.approx(reference_losses, abs=1e-5)
+    fault_table.report("SSH connection dropped mid-stream", "ssh", recovered=True, end_state=record.status,
+                       steps_redone=0)
 
 
 def test_unreachable_host_fails_in_preflight(launcher: Launcher, sshd):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration import fault_table
 from tests.helpers import load_runner_module, read_json, run_runner, runner_command, tiny_job, train_losses
 
 STEPS = 40
@@ -128,6 +129,8 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(reference, tmp_pat
     assert sorted(got) == list(range(1, STEPS + 1))
     assert max(abs(expected[s] - got[s]) for s in expected) < 1e-5
     assert read_json(out / "eval.json")["test_loss"] == pytest.approx(read_json(ref_out / "eval.json")["test_loss"], abs=1e-5)
+    fault_table.report("runner SIGTERM (it checkpoints), then resume", "runner", recovered=True, end_state="done",
+                       steps_redone=0)
 
 
 def test_kill9_during_save_leaves_no_checkpoint_and_resume_ignores_it(reference, tmp_path):
@@ -160,3 +163,5 @@ def test_kill9_during_save_leaves_no_checkpoint_and_resume_ignores_it(reference,
     assert not incoming.exists()
     expected, got = train_losses(ref_out), train_losses(out)
     assert max(abs(expected[s] - got[s]) for s in expected) < 1e-5
+    fault_table.report("runner SIGKILL while writing a checkpoint, then resume", "runner", recovered=True,
+                       end_state="done", steps_redone=killed_at - max(previous, 0))

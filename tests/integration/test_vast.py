@@ -7,9 +7,9 @@ Every test ends with no instance alive on the fake (the fixture fails the test o
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,49 +18,27 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.vast_api import ACCOUNT_KEY, FakeVast
-from tests.helpers import ROOT, tiny_job, train_losses, uninterrupted_losses
-from tests.integration.conftest import Launcher, output_of
+from tests.helpers import ROOT, tiny_job, train_losses
+from tests.integration import fault_table
+from tests.integration.conftest import STEPS_60, Launcher, VastLauncher, output_of
 
-STEPS = 60
-CATALOG = ROOT / "catalogs" / "v8" / "vast" / "vms.csv"
-
-
-@pytest.fixture
-def vast(tmp_path) -> FakeVast:
-    fake = FakeVast(CATALOG, tmp_path / "vast", loading_s=0.3).start()
-    yield fake
-    alive = fake.alive()
-    fake.stop()
-    assert alive == [], f"instances still alive on the fake Vast.ai at the end of the test: {alive}"
-
-
-class VastLauncher(Launcher):
-    """`launch` pointed at the fake through the vastai client's own settings."""
-
-    fake: FakeVast
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return super().env(VAST_URL=self.fake.url, VAST_API_KEY=ACCOUNT_KEY, QLORA_LAUNCH_VAST_SSH_USER=getpass.getuser(),
-                           QLORA_LAUNCH_VAST_POLL_S="0.2", **extra)
+STEPS = STEPS_60["max_steps"]
 
 
 @pytest.fixture
-def launcher(tmp_path, vast) -> VastLauncher:
-    runner = VastLauncher(tmp_path)
-    runner.fake = vast
-    return runner
+def launcher(vast_launcher: VastLauncher) -> VastLauncher:
+    return vast_launcher
 
 
 def job(path: Path, **vast_settings) -> Path:
     settings = {"ssh_timeout_s": 5, "pull_stall_s": 3, "max_offers_tried": 2, **vast_settings}
-    return tiny_job(path, train={"max_steps": STEPS, "save_every": 10, "eval_every": 20},
+    return tiny_job(path, train=STEPS_60,
                     resources={"python": sys.executable, "providers": ["vast"], "vast": settings})
 
 
-@pytest.fixture(scope="module")
-def reference_losses(tmp_path_factory) -> dict[int, float]:
-    folder = tmp_path_factory.mktemp("reference")
-    return uninterrupted_losses(job(folder / "job.yaml"), folder / "out")
+@pytest.fixture
+def reference_losses(reference_losses_60) -> dict[int, float]:
+    return reference_losses_60
 
 
 def test_plan_shows_the_live_offers_worth_renting(launcher: VastLauncher, vast: FakeVast):
@@ -107,6 +85,8 @@ def test_a_whole_run_on_a_rented_instance(launcher: VastLauncher, vast: FakeVast
         for path in folder.rglob("*"):
             if path.is_file():
                 assert ACCOUNT_KEY.encode() not in path.read_bytes(), path
+    fault_table.report("provider API 429s", "vast", recovered=True, end_state=record.status, steps_redone=0,
+                       billed_usd=vast.billed_usd(), orphans=len(vast.alive()))
 
 
 def test_preemption_resumes_on_another_offer_with_the_same_losses(launcher: VastLauncher, vast: FakeVast,
@@ -123,6 +103,12 @@ def test_preemption_resumes_on_another_offer_with_the_same_losses(launcher: Vast
     # The stopped instance was destroyed (Vast bills a stopped one's disk), and so was the second.
     assert vast.instances[first].destroyed_at is not None
     assert_spent_matches(machines, vast)
+    reached = fault_table.status_step(vast.instances[first].home / Path(record.remote_dir).relative_to(
+        vast.instances[int(record.target.split(":")[1])].home) / "status.json")
+    fault_table.report("instance preempted", "vast", recovered=True, end_state=record.status,
+                       steps_redone=fault_table.steps_redone(reached, Path(record.run_dir)),
+                       billed_usd=vast.billed_usd(), orphans=len(vast.alive()),
+                       recover_s=fault_table.recover_s(Path(record.run_dir), preempted_at))
 
 
 def test_no_recover_stops_at_preempted_and_resume_moves_on(launcher: VastLauncher, vast: FakeVast,
@@ -150,6 +136,8 @@ def test_a_lost_create_reply_never_rents_twice(launcher: VastLauncher, vast: Fak
     down = launcher.run("down", record.id)
     assert down.returncode == 0, output_of(down)
     assert vast.alive() == []
+    fault_table.report("create reply lost (502 after renting)", "vast", recovered=True, end_state="one instance",
+                       orphans=len(vast.alive()))
 
 
 def test_a_closed_direct_port_falls_back_to_the_proxy_and_a_price_above_the_quote_warns(launcher: VastLauncher,
@@ -195,6 +183,8 @@ def test_an_instance_that_never_comes_up_is_destroyed_and_the_next_offer_tried(l
     assert vast.billed_usd() == billed  # nothing billed after
     (record,) = launcher.records()
     assert record.status == "failed"
+    fault_table.report(f"provision fails after create ({fault})", "vast", recovered=True, end_state="failed, exit 8",
+                       billed_usd=billed, orphans=len(vast.alive()))
 
 
 def test_down_all_finds_an_orphan_and_a_mangled_list_is_not_nothing(launcher: VastLauncher, vast: FakeVast):
@@ -327,3 +317,54 @@ def assert_spent_matches(machines: list[dict], vast: FakeVast) -> None:
             assert billed - second <= ours <= billed + second * (1 + noticed), (ours, billed, noticed)
         else:
             assert ours == pytest.approx(billed, abs=second), (ours, billed)
+
+
+@pytest.mark.parametrize("stop_with", [signal.SIGINT, signal.SIGTERM])
+def test_the_fake_run_by_hand_keeps_its_instances_in_a_temporary_folder_and_removes_it(tmp_path, stop_with):
+    """`python -m tests.fakes.vast_api` as the README shows: nothing in the current folder, and
+    its instances' folder and processes gone once it is stopped."""
+    import urllib.request
+
+    from tests.sshd import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.vast_api", "--port", str(port), "--catalog",
+                             str(ROOT / "catalogs" / "v8" / "vast" / "vms.csv")], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    try:
+        folder = Path(proc.stdout.readline().rsplit("instances in ", 1)[1].strip())
+
+        def call(method: str, path: str, body: dict) -> dict:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                             data=json.dumps(body).encode(),
+                                             headers={"Authorization": f"Bearer {ACCOUNT_KEY}",
+                                                      "Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                return json.loads(reply.read())
+
+        offer = call("POST", "/api/v0/bundles/", {"limit": 1})["offers"][0]["id"]
+        made = call("PUT", f"/api/v0/asks/{offer}/", {"image": "img", "label": "by-hand"})["new_contract"]
+        deadline = time.monotonic() + 30
+        while call("GET", f"/api/v0/instances/{made}/", {})["instances"]["actual_status"] != "running":
+            assert time.monotonic() < deadline, "the instance never came up"
+            time.sleep(0.1)
+        assert folder.is_dir() and not folder.is_relative_to(tmp_path) and _processes_naming(str(folder))
+        proc.send_signal(stop_with)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not folder.exists() and not _processes_naming(str(folder))
+    assert list(tmp_path.iterdir()) == []  # nothing in the folder it was started from
+
+
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found

@@ -353,3 +353,21 @@ def test_ctrl_c_while_the_next_machine_is_prepared_after_a_preemption_releases_i
     assert world.cloud.called("provision")[-1][1] == 2 and record.machine_id == "102"
     assert world.cloud.alive() == [], "the machine rented for the recovery is left billing"
     assert record.status == "interrupted"
+
+
+def test_a_destroy_that_fails_keeps_the_machine_billing_in_the_record_until_down_destroys_it(world: World):
+    world.cloud.failing_terminations = 1  # the provider's API is down when the run ends
+    session = world.session()
+    reporter = Recorder()
+    world.launch(session, reporter)
+    record = world.record(session.record.id)
+    assert record.status == "done" and world.cloud.alive() == ["101"]
+    assert any("may still be billing" in w and f"`launch down {record.id}` tries again" in w for w in reporter.warnings)
+    (machine,) = world.store.machines(record.id)
+    assert machine.ended_at is None  # counted as billing, as it is
+    spent_then = renting.spent(world.store, record.id)
+    assert renting.spent(world.store, record.id, now=machine.started_at + 3600) == pytest.approx(0.20)
+    job.down(world.reopen(record.id), Recorder())
+    assert world.cloud.alive() == [] and world.record(record.id).status == "done"
+    (machine,) = world.store.machines(record.id)
+    assert machine.ended_at is not None and renting.spent(world.store, record.id) >= spent_then
