@@ -9,7 +9,8 @@ Columns: recovered (the run reached its documented end: nothing lost, no partial
 used, losses equal to an uninterrupted run's where it trains on, no instance alive); steps
 redone (steps the lost machine trained past the checkpoint the run went on from); $ wasted
 (what the fake billed for the run minus what it billed for the same job without a fault, the
-"provider API 429s" row's run, which only waits ~0.2 s); orphans (instances alive at the end);
+"provider API 429s" row's run, which only waits ~0.2 s; for a run that did not train to its end,
+all it billed; seconds of start-up differ between runs, so +-$0.0001 is noise); orphans (instances alive at the end);
 time to recover (the fault to the first training step after the resume). A fault whose test
 failed shows as FAILED with no figures."""
 
@@ -52,7 +53,7 @@ def run_matrix(select: list[str], table: Path, keyword: str | None) -> str:
 
 
 def money(value: float | None) -> str:
-    return "-" if value is None else f"${value:.5f}"
+    return "-" if value is None else f"${value:.4f}"
 
 
 def render(rows: list[dict], failed: list[str]) -> str:
@@ -61,8 +62,11 @@ def render(rows: list[dict], failed: list[str]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         wasted = None
-        if r["billed_usd"] is not None and clean is not None:
-            wasted = 0.0 if r["fault"] == CLEAN_RUN else r["billed_usd"] - clean
+        if r["billed_usd"] is not None:  # a run that did the job: beyond the clean run; one that did not: all of it
+            if r["end_state"] != "done":
+                wasted = r["billed_usd"]
+            elif clean is not None:
+                wasted = 0.0 if r["fault"] == CLEAN_RUN else r["billed_usd"] - clean
         redone = "-" if r["steps_redone"] is None else str(r["steps_redone"])
         took = "-" if r["recover_s"] is None else f"{r['recover_s']:.1f} s"
         lines.append(f"| {r['fault']} | {r['target']} | {'yes' if r['recovered'] else 'NO'} | {r['end_state']} | "
@@ -75,11 +79,14 @@ def render(rows: list[dict], failed: list[str]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-k", dest="keyword", help="only the tests pytest's -k selects")
+    parser.add_argument("--rows", type=Path, help="also keep the measured rows in this JSON-lines file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         table = Path(folder) / "faults.jsonl"
         output = run_matrix(TESTS, table, args.keyword)
         rows = [json.loads(line) for line in table.read_text().splitlines()] if table.exists() else []
+    if args.rows:
+        args.rows.write_text("".join(json.dumps(r) + "\n" for r in rows))
     failed = [line.split()[1] for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
     print(render(rows, failed))
     print("\n" + (output.strip().splitlines() or ["(no pytest output)"])[-1])

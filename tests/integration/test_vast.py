@@ -136,7 +136,8 @@ def test_a_lost_create_reply_never_rents_twice(launcher: VastLauncher, vast: Fak
     down = launcher.run("down", record.id)
     assert down.returncode == 0, output_of(down)
     assert vast.alive() == []
-    fault_table.report("create reply lost (502 after renting)", "vast", recovered=True, end_state="one instance",
+    fault_table.report("create reply lost (502 after renting)", "vast", recovered=True,
+                       end_state="one instance rented, stopped by down",
                        orphans=len(vast.alive()))
 
 
