@@ -32,6 +32,9 @@ from urllib.parse import urlsplit
 from launcher.runs import private_file, private_folder
 
 SSH_CONNECT_TIMEOUT_S = 10
+# The user's own SSH keys a rented machine gets (the public half), in the order they are tried;
+# without one, a key is made for the launcher in the state directory (providers/vast.launcher_key).
+USER_SSH_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_rsa")
 
 
 def shell_path(path: str) -> str:
@@ -42,9 +45,8 @@ def shell_path(path: str) -> str:
     if path.startswith("~/"):
         return "~/" + shlex.quote(path[2:])
     return shlex.quote(path)
-# The user's own SSH keys a rented machine gets (the public half), in the order they are tried;
-# without one, a key is made for the launcher in the state directory (providers/vast.launcher_key).
-USER_SSH_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_rsa")
+
+
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 

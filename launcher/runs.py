@@ -31,14 +31,17 @@ def state_dir() -> Path:
 
 
 def private_folder(path: Path) -> Path:
-    """A folder of the state directory: only this user may list or enter it (0700)."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
+    """A folder of the state directory, made so that only this user may list or enter it (0700).
+    One that exists keeps its mode: QLORA_LAUNCH_HOME may name a folder that is not ours alone
+    (the files in it are 0600 all the same)."""
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
     return path
 
 
 def private_file(path: Path) -> Path:
-    """A state file (run records, known hosts, keys' neighbours): read and written by this user only (0600)."""
+    """A state file (the run records, a known_hosts file, a lock): this user's alone (0600)."""
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
     os.chmod(path, 0o600)
     return path

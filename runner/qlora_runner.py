@@ -593,6 +593,27 @@ class RunDir:
         with self._status_lock, self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def copy_history_into(self, checkpoint: Path) -> None:
+        """The history so far goes into the checkpoint (covered by its manifest): wherever the
+        checkpoint travels (pulled, stored, republished), the steps before it travel with it,
+        even when the copy of metrics.jsonl beside it lags (a stream cut before its last lines)."""
+        if self.writes and self.metrics_path.exists():
+            with self._status_lock:
+                (checkpoint / HISTORY_IN_CHECKPOINT).write_bytes(self.metrics_path.read_bytes())
+
+    def restore_history(self, checkpoint: Path, step: int) -> None:
+        """Before a resume from `checkpoint`: metrics.jsonl holds every record of the checkpoint's
+        own copy of the history (lines it lacks are put back first) and nothing past `step`."""
+        saved = checkpoint / HISTORY_IN_CHECKPOINT
+        if self.writes and saved.is_file():
+            ours = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+            theirs = saved.read_text().splitlines()
+            known = set(theirs)
+            if not set(theirs) <= set(ours):
+                write_text_atomic(self.metrics_path, "".join(line + "\n" for line in
+                                                            theirs + [ln for ln in ours if ln not in known]))
+        self.truncate_metrics_after(step)
+
     def truncate_metrics_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: drop what the dead run logged
         past it, so metrics.jsonl keeps one record per step."""
@@ -677,6 +698,7 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 MANIFEST = "qlora_complete.json"
+HISTORY_IN_CHECKPOINT = "metrics.jsonl"  # the history up to a checkpoint, inside it
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -704,6 +726,7 @@ def complete_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
 def finalize_checkpoint(run: RunDir, step: int, keep: int) -> Path:
     """Move the Trainer's freshly written checkpoint into place, then drop the oldest."""
     src = run.incoming / f"checkpoint-{step}"
+    run.copy_history_into(src)
     files = {}
     for p in sorted(src.rglob("*")):
         if p.is_file():
@@ -2136,7 +2159,7 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag, ranks:
                 raise UsageError(f"--resume {resume}: not a complete checkpoint (no valid {MANIFEST})")
     resume_step = int(CHECKPOINT_RE.match(resume_from.name).group(1)) if resume_from is not None else 0
     if resume_from is not None:
-        run.truncate_metrics_after(resume_step)
+        run.restore_history(resume_from, resume_step)
         run.append_metric({"event": "resume", "step": resume_step})
         log(f"resuming from {resume_from.name}")
 

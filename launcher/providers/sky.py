@@ -36,7 +36,7 @@ from launcher.providers.base import (
 )
 from launcher.providers.sky_task import CLUSTER_PREFIX, build_task, cluster_name, pinned_resources, task_config
 from launcher.remote import Machine, SSHAddress, SSHMachine, SSHOptions, Unreachable
-from launcher.runs import state_dir
+from launcher.runs import private_folder, state_dir
 
 # The clouds this provider rents on, by SkyPilot's names. Vast.ai has a provider of its own (live
 # offers, its own watchdog); Kubernetes, SSH node pools and Slurm have no price catalog.
@@ -365,7 +365,7 @@ class SkyProvider(Provider, Sweepable, NeedsCredentials):
             raise ProviderError("managed mode trains on one node (several GPUs of it are fine); for several nodes "
                                 "leave resources.sky.managed (--managed) off")
         job = sky_managed.ManagedJob(cluster_name(spec.run_id))
-        offer_file(spec.run_id).parent.mkdir(parents=True, exist_ok=True)
+        private_folder(offer_file(spec.run_id).parent)
         offer_file(spec.run_id).write_text(json.dumps(dataclasses.asdict(offer)))
         _, controller = sky_managed.controller_usd_per_hour(offer.provider, self.settings.controller_usd_per_hour)
         return Provisioned(job, job.machine_id, offer.usd_per_hour + controller, clock.now())

@@ -133,6 +133,30 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(reference, tmp_pat
                        steps_redone=0)
 
 
+def test_a_checkpoint_carries_its_history_and_a_resume_puts_back_lines_the_run_folder_lost(reference, tmp_path):
+    """The launcher's copy of metrics.jsonl can lag the checkpoint it pulled (its stream cut
+    before the last lines): a resume from that checkpoint takes the steps before it from the
+    checkpoint's own copy, so the history holds every step once."""
+    config, ref_out = reference
+    out = tmp_path / "out"
+    proc = subprocess.Popen(runner_command(config, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: last_step(out) >= 13, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    runner = load_runner_module()
+    stopped, checkpoint = runner.complete_checkpoints(out / "checkpoints")[-1]
+    assert (checkpoint / "metrics.jsonl").is_file()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:4]))  # the lagging copy
+    resumed = run_runner(config, out, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in events if e["event"] == "train"]
+    assert sorted(steps) == list(range(1, STEPS + 1)) and len(steps) == len(set(steps))
+    expected, got = train_losses(ref_out), train_losses(out)
+    assert max(abs(expected[s] - got[s]) for s in expected) < 1e-5
+
+
 def test_kill9_during_save_leaves_no_checkpoint_and_resume_ignores_it(reference, tmp_path):
     config, ref_out = reference
     out = tmp_path / "out"
