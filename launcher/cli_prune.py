@@ -13,7 +13,6 @@ from rich.table import Table
 
 from launcher import job, prune
 from launcher.providers import provider_for_target
-from launcher.providers.base import Need
 from launcher.runs import RunStore
 
 DESCRIPTION = ("what your own machine keeps between runs (venvs, model and data assets, run folders), and removing "
@@ -32,8 +31,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_prune(args: argparse.Namespace, store: RunStore, console: Console, errors: Console) -> int:
     provider = provider_for_target(args.target)
-    offer = provider.offers(Need())[0]
-    machine = provider.provision(offer, job.machine_spec("prune", args.identity)).machine
+    machine = job.own_machine(provider, job.machine_spec("prune", args.identity))
     try:
         workdir = args.workdir or provider.default_workdir()
         records = [r for r in store.list(limit=100000) if r.target in (args.target, machine.name)]

@@ -303,8 +303,12 @@ def starting(session: Session, reporter: Reporter) -> Iterator[None]:
 
 def reach_own_machine(session: Session, reporter: Reporter) -> None:
     reporter.phase(f"connecting to {session.record.target}")
-    offer = session.provider.offers(Need(), session.loaded_config().resources.usd_per_hour)[0]
-    session.machine = session.provider.provision(offer, session.spec).machine
+    session.machine = own_machine(session.provider, session.spec, session.loaded_config().resources.usd_per_hour)
+
+
+def own_machine(provider: Provider, spec: MachineSpec, usd_per_hour: float = 0.0) -> Machine:
+    """The one machine of a provider that rents nothing (this one, an SSH box), reached."""
+    return provider.provision(provider.offers(Need(), usd_per_hour)[0], spec).machine
 
 
 def failed_to_start(session: Session, e: Exception, reporter: Reporter) -> JobError:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from launcher.config import LaunchConfig, runner_module
-from launcher.errors import EXIT_DATA, EXIT_ENVIRONMENT, EXIT_MODEL, EXIT_TARGET
+from launcher.errors import EXIT_CONFIG, EXIT_DATA, EXIT_ENVIRONMENT, EXIT_MODEL, EXIT_TARGET
 from launcher.remote import Machine, RemoteError, Unreachable, shell_path
 
 
@@ -152,8 +152,6 @@ def check_identity(report: PreflightReport, config: LaunchConfig) -> None:
     """resources.ssh_identity names a key file here (ssh would only warn, then try others)."""
     identity = config.resources.ssh_identity
     if identity and not Path(identity).expanduser().is_file():
-        from launcher.errors import EXIT_CONFIG
-
         report.add("error", "config", f"resources.ssh_identity (--identity): {identity} is not a file here; pass "
                                       "the path of the private key the target accepts (e.g. ~/.ssh/id_ed25519)",
                    EXIT_CONFIG)

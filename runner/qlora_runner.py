@@ -609,7 +609,7 @@ class RunDir:
             ours = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
             theirs = saved.read_text().splitlines()
             known = set(theirs)
-            if not set(theirs) <= set(ours):
+            if not known <= set(ours):
                 write_text_atomic(self.metrics_path, "".join(line + "\n" for line in
                                                             theirs + [ln for ln in ours if ln not in known]))
         self.truncate_metrics_after(step)

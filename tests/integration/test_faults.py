@@ -25,7 +25,7 @@ from tests.fakes.vast_api import FakeVast
 from tests.integration import fault_table
 from tests.integration.conftest import STEPS_60, VastLauncher, output_of
 from tests.integration.test_vast import assert_spent_matches, job, machines_of
-from tests.helpers import ROOT, tiny_job, train_losses
+from tests.helpers import ROOT, processes_naming, tiny_job, train_losses
 
 
 @pytest.fixture
@@ -153,19 +153,6 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
-
-
-def processes_naming(*texts: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            if all(t.encode() in cmdline for t in texts):
-                found.append(int(entry.name))
-    return found
 
 
 def slow_link(folder: Path, kb_per_s: int = 100) -> str:

@@ -11,23 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import tiny_job
+from tests.helpers import processes_naming, tiny_job
 from tests.integration.conftest import Launcher, output_of, runner_step, ssh_args
 
 LIMIT_S = 5.0  # from SIGINT to the launcher's exit and the end of its output (generous: a loaded machine)
-
-
-def _processes_naming(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            if text.encode() in cmdline:
-                found.append(int(entry.name))
-    return found
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc (Linux)")
@@ -40,9 +27,9 @@ def test_ctrl_c_over_ssh_detaches_at_once_and_ends_the_tail_on_both_sides(launch
         record = launcher.wait_for(lambda r: r.status == "running" and runner_step(r.remote_dir) >= 3, timeout=300)
         metrics = f"{record.remote_dir}/metrics.jsonl"
         deadline = time.monotonic() + 30
-        while len(_processes_naming(metrics)) < 2 and time.monotonic() < deadline:  # our ssh, the tail there
+        while len(processes_naming(metrics)) < 2 and time.monotonic() < deadline:  # our ssh, the tail there
             time.sleep(0.1)
-        assert len(_processes_naming(metrics)) >= 2, "no tail of metrics.jsonl over ssh"
+        assert len(processes_naming(metrics)) >= 2, "no tail of metrics.jsonl over ssh"
 
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -52,9 +39,9 @@ def test_ctrl_c_over_ssh_detaches_at_once_and_ends_the_tail_on_both_sides(launch
         assert f"run {record.id} is still running on {record.target}" in out
         assert took < LIMIT_S, f"exit and end of output {took:.1f} s after SIGINT"
         deadline = time.monotonic() + LIMIT_S
-        while _processes_naming(metrics) and time.monotonic() < deadline:
+        while processes_naming(metrics) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _processes_naming(metrics), "the tail (or its ssh) outlived the launcher"
+        assert not processes_naming(metrics), "the tail (or its ssh) outlived the launcher"
         assert launcher.records()[0].status == "running"
     finally:
         if proc.poll() is None:

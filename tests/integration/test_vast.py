@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.vast_api import ACCOUNT_KEY, FakeVast
-from tests.helpers import ROOT, tiny_job, train_losses
+from tests.helpers import ROOT, processes_naming, tiny_job, train_losses
 from tests.integration import fault_table
 from tests.integration.conftest import STEPS_60, Launcher, VastLauncher, output_of
 
@@ -349,23 +349,11 @@ def test_the_fake_run_by_hand_keeps_its_instances_in_a_temporary_folder_and_remo
         while call("GET", f"/api/v0/instances/{made}/", {})["instances"]["actual_status"] != "running":
             assert time.monotonic() < deadline, "the instance never came up"
             time.sleep(0.1)
-        assert folder.is_dir() and not folder.is_relative_to(tmp_path) and _processes_naming(str(folder))
+        assert folder.is_dir() and not folder.is_relative_to(tmp_path) and processes_naming(str(folder))
         proc.send_signal(stop_with)
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
         proc.wait()
-    assert not folder.exists() and not _processes_naming(str(folder))
+    assert not folder.exists() and not processes_naming(str(folder))
     assert list(tmp_path.iterdir()) == []  # nothing in the folder it was started from
-
-
-def _processes_naming(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
