@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,41 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def queue_manager_port(api_port: int) -> int:
+    """The port SkyPilot's server derives from ours for its request-queue manager, by SkyPilot's
+    own code (sky/server/requests/queues/mp_queue.py reads SKYPILOT_API_SERVER_LOCAL_PORT)."""
+    from sky.server.requests.queues import mp_queue
+    saved = os.environ.get("SKYPILOT_API_SERVER_LOCAL_PORT")
+    os.environ["SKYPILOT_API_SERVER_LOCAL_PORT"] = str(api_port)
+    try:
+        return mp_queue.get_queue_manager_port()
+    finally:
+        if saved is None:
+            del os.environ["SKYPILOT_API_SERVER_LOCAL_PORT"]
+        else:
+            os.environ["SKYPILOT_API_SERVER_LOCAL_PORT"] = saved
+
+
+def free_api_server_port(candidates: Iterable[int] | None = None) -> int:
+    """A free port whose derived queue-manager port is free too: the server refuses to start
+    when that one is taken ("port ... is already in use"), and a random ephemeral port maps into
+    50000-59999 where other processes' ephemeral ports live (a CI run failed so)."""
+    candidates = candidates if candidates is not None else (free_port() for _ in range(50))
+    for port in candidates:
+        if bindable(port) and bindable(queue_manager_port(port)):
+            return port
+    raise AssertionError("no free port whose SkyPilot queue-manager port is free too")
 
 
 def write_images_catalog(runtime: Path) -> list[str]:
@@ -151,7 +187,7 @@ def test_a_real_local_api_server_chooses_what_our_plan_chooses_and_dry_runs_our_
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(NETGUARD)
     netlog = tmp_path / "netguard.log"
-    port = free_port()
+    port = free_api_server_port()
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": f"{ROOT}{os.pathsep}{guard}", "QLORA_TEST_NETGUARD_LOG": str(netlog),
@@ -251,3 +287,16 @@ def test_a_real_local_api_server_chooses_what_our_plan_chooses_and_dry_runs_our_
         f"{after}{why()}"
     assert left == {}, f"processes left after the test (killed now): {left}{why()}"
     assert not netlog.exists(), f"network access outside loopback was attempted (and refused):\n{tail(netlog)}{why()}"
+
+
+def test_the_api_server_port_is_chosen_with_its_queue_manager_port_free():
+    # SkyPilot's derivation as CI met it: 54519 -> 57950; the default port keeps the default.
+    assert queue_manager_port(54519) == 57950 and queue_manager_port(46580) == 50011
+    port = free_api_server_port()
+    assert bindable(port) and bindable(queue_manager_port(port))
+    with socket.socket() as held:  # a port whose queue-manager port is held is passed over
+        held.bind(("127.0.0.1", next(p for p in range(50000, 60000) if bindable(p))))
+        clash = next(p for p in range(20000, 30000) if queue_manager_port(p) == held.getsockname()[1])
+        assert bindable(clash)
+        other = free_api_server_port(candidates=[clash, port])
+        assert other == port
