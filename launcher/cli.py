@@ -33,8 +33,8 @@ from launcher.config import ConfigError, LaunchConfig, load as load_config
 from launcher.paths import DEFAULT_CONFIG, find_config
 from launcher.planning import ANY_GPU
 from launcher.preflight import (
-    PreflightReport, check_data, check_identity, check_model, check_provider_settings, check_storage, check_target,
-    check_tools, needed_disk_gb,
+    PreflightReport, check_data, check_identity, check_model, check_packing, check_provider_settings, check_storage,
+    check_target, check_tools, needed_disk_gb,
 )
 from launcher.cli_plan import (
     add_market_arguments, add_plan_arguments, cmd_plan, market_overrides, plan_rental, render_offers,
@@ -263,6 +263,7 @@ def cmd_launch(args: argparse.Namespace, store: RunStore, console: Console, erro
     check_identity(report, config)
     check_data(report, config)
     check_model(report, config, runs_here=not renting and (config.resources.target or "local") == "local")
+    check_packing(report, config)
     if report.errors:
         return _print_errors(errors, report)
     if renting:

@@ -94,6 +94,30 @@ class LengthStats:
         """The mean of min(n, max_length): tokens per example once cut at max_length."""
         return self.capped_tokens(max_length) / self.examples
 
+    def mean_longest_of(self, max_length: int, batch: int) -> float:
+        """E[the longest of `batch` examples drawn at random, cut at max_length]: the row length a
+        padded micro batch pads to. Exact over the counts: sum of l * (F(l)^b - F(l-)^b)."""
+        lengths, examples, _ = self._prefix
+        total, below, expected = self.examples, 0, 0.0
+        for length, upto in zip(lengths, examples):
+            expected += min(length, max_length) * ((upto / total) ** batch - (below / total) ** batch)
+            below = upto
+        return expected
+
+    def largest_batch_tokens(self, max_length: int, batch: int) -> int:
+        """The most tokens a padding-free micro batch of `batch` examples can hold: its `batch`
+        longest examples, cut at max_length. A bound, not the expected largest: which batch gets
+        the long tail depends on the shuffle, and an out-of-memory error hours into a paid run
+        costs more than a card sized for the worst batch."""
+        left, total = batch, 0
+        for length, count in reversed(self.counts):
+            take = min(count, left)
+            total += take * min(length, max_length)
+            left -= take
+            if not left:
+                break
+        return total
+
     def share_cut(self, max_length: int) -> float:
         """The share of examples longer than max_length (cut by the runner)."""
         lengths, examples, _ = self._prefix

@@ -29,11 +29,19 @@ VRAM at the peak of a training step (bytes):
                  (The accounting follows Korthikanti et al. 2022, "Reducing Activation
                  Recomputation in Large Transformer Models", section 4, redone for SwiGLU/GQA.)
   logits         micro_batch * seq * V in fp32, three times: the logits, their float copy for
-                 the loss, and the loss gradient.
+                 the loss, and the loss gradient. With a fused loss (train.kernels auto or liger:
+                 the runner's chunked loss or Liger's) never more than one chunk: the chunk's fp32
+                 logits and their gradient (2 * LOSS_CHUNK_BYTES at most), plus the gradient of
+                 the last hidden states it computes in the forward pass (tokens * h, compute dtype).
   LM head copy   V*h in the compute dtype: autocast casts the fp32 head to bf16/fp16 for its
                  matmul, and autograd keeps that copy for the backward pass.
   allocator      PyTorch's caching allocator holds more than the tensors need: x1.15.
   CUDA context   0.95 GB outside the allocator (context, kernels, cuBLAS workspaces).
+  tokens         micro_batch * seq: padded batches peak at the micro batch whose longest example
+                 is cut at max_length (seq = max_length); padding-free ones (data.packing) at the
+                 micro batch holding the most tokens, from the dataset's lengths when known
+                 (its micro_batch longest examples: dataset_lengths.LengthStats.largest_batch_tokens),
+                 else the same bound.
   The last two are measured, and the whole estimate is checked, by benchmarks/gpu_memory.py: the
   real runner with real NF4 on an H100 (benchmarks/results/gpu_memory_h100.json). There, device
   memory in use less torch's max_memory_reserved was 0.94 GB in every case, reserved/allocated was
@@ -57,6 +65,9 @@ Hours: per micro-step (micro_batch * seq tokens), the matmuls' FLOPs / (dense TF
   the 6.1 ms that fits the same measurements at 0.60: within -16 %..+13 % of the H100's
   tokens/s and -18 %..+11 % of the held-out H200's. Only Hopper cards were measured: on an A10G
   or a T4 the FLOPs part weighs more and the model rests on their datasheet TFLOP/s.
+  Padded batches compute their padding too: the FLOPs count each micro batch's rows at the
+  length of its longest example (padded_seq_len, E[max] of the lengths); padding-free ones only
+  the examples' own tokens.
 Dollars: (hours + STARTUP_HOURS) * $/h.
 
 This is the uncalibrated model. Once runs of a model have finished on a GPU model, the planner
@@ -83,6 +94,7 @@ EFFICIENCY = 0.60
 LAYER_PASS_OVERHEAD_S = 0.0061
 STARTUP_HOURS = 0.25  # provisioning, bootstrap, model download, base-model evaluation
 COMPUTE_BYTES = 2  # bf16 / fp16 activations
+LOSS_CHUNK_BYTES = 256 * 2**20  # the runner's (qlora_runner.LOSS_CHUNK_BYTES): one chunk's fp32 logits
 
 
 class UnknownModel(ValueError):
@@ -193,9 +205,12 @@ def activation_bytes_per_token_layer(facts: ModelFacts, lora_dropout: bool) -> f
 
 def estimate_vram(facts: ModelFacts, *, micro_batch: int, seq_len: int, lora_r: int, lora_dropout: float,
                   gradient_checkpointing: bool, optimizer: str = "paged_adamw_8bit",
-                  double_quant: bool = True) -> VRAMEstimate:
+                  double_quant: bool = True, fused_loss: bool = False,
+                  peak_tokens: Optional[float] = None) -> VRAMEstimate:
+    """`peak_tokens`: the most tokens a micro batch holds (padding-free batches); by default
+    micro_batch * seq_len, a padded batch whose longest example fills seq_len."""
     gb = 1e9
-    tokens = micro_batch * seq_len
+    tokens = peak_tokens if peak_tokens is not None else micro_batch * seq_len
     weights = facts.linear_params * (BYTES_4BIT + QUANT_CONSTANT_BITS[double_quant] / 8)
     fp32_rest = facts.other_params * 4
     optimizer_bytes = 8 if optimizer in ("adamw_torch", "paged_adamw_32bit") else 2
@@ -205,7 +220,11 @@ def estimate_vram(facts: ModelFacts, *, micro_batch: int, seq_len: int, lora_r: 
         activations = facts.num_layers * tokens * facts.hidden_size * COMPUTE_BYTES + per_layer
     else:
         activations = facts.num_layers * per_layer
-    logits = 3 * tokens * facts.vocab_size * 4
+    if fused_loss:
+        chunk_logits = min(tokens * facts.vocab_size * 4, LOSS_CHUNK_BYTES)
+        logits = 2 * chunk_logits + tokens * facts.hidden_size * COMPUTE_BYTES
+    else:
+        logits = 3 * tokens * facts.vocab_size * 4
     head_copy = facts.vocab_size * facts.hidden_size * COMPUTE_BYTES
     return VRAMEstimate(weights / gb, fp32_rest / gb, lora / gb, activations / gb, logits / gb, head_copy / gb,
                         CUDA_CONTEXT_GB)
@@ -220,10 +239,14 @@ def training_flops(facts: ModelFacts, tokens: int, seq_len: int, gradient_checkp
 
 
 def estimate_hours(facts: ModelFacts, gpu: GPU, gpu_count: int, tokens: int, seq_len: float, micro_batch: int,
-                   gradient_checkpointing: bool, speed: float = 1.0) -> float:
+                   gradient_checkpointing: bool, speed: float = 1.0, padded_seq_len: Optional[float] = None) -> float:
     """Hours on `gpu_count` x `gpu` for `tokens` in sequences of `seq_len` tokens on average.
-    `speed`: measured over modelled tokens/s on this GPU model (calibration; 1: the model alone)."""
-    compute_s = training_flops(facts, tokens, seq_len, gradient_checkpointing) / (
+    `padded_seq_len`: the rows' length in padded batches (their longest example), whose padding
+    is computed too; None: padding-free. `speed`: measured over modelled tokens/s on this GPU
+    model (calibration; 1: the model alone)."""
+    rows = max(padded_seq_len or seq_len, seq_len)
+    computed = tokens * rows / seq_len if seq_len else tokens
+    compute_s = training_flops(facts, computed, rows, gradient_checkpointing) / (
         gpu.tflops_dense * 1e12 * EFFICIENCY * gpu_count)
     passes = 3 if gradient_checkpointing else 2
     bytes_per_micro_step = passes * facts.linear_params * (BYTES_4BIT + 2 * COMPUTE_BYTES)
@@ -234,10 +257,11 @@ def estimate_hours(facts: ModelFacts, gpu: GPU, gpu_count: int, tokens: int, seq
 
 
 def model_tokens_per_s(facts: ModelFacts, gpu: GPU, micro_batch: int, seq_len: float,
-                       gradient_checkpointing: bool) -> float:
-    """The uncalibrated model's training tokens/s on one `gpu` at this shape."""
+                       gradient_checkpointing: bool, padded_seq_len: Optional[float] = None) -> float:
+    """The uncalibrated model's training tokens/s (the examples' own tokens) on one `gpu` at this shape."""
     tokens = 1000 * micro_batch * seq_len
-    return tokens / (estimate_hours(facts, gpu, 1, tokens, seq_len, micro_batch, gradient_checkpointing) * 3600)
+    return tokens / (estimate_hours(facts, gpu, 1, tokens, seq_len, micro_batch, gradient_checkpointing,
+                                    padded_seq_len=padded_seq_len) * 3600)
 
 
 def time_model_summary() -> str:

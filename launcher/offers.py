@@ -66,12 +66,19 @@ class JobNeed:
     # "<n> hub rows sampled (...)", "max_length (upper bound)".
     lengths_source: str
     lengths_warning: Optional[str] = None  # why a better source of lengths failed (a hub sample)
+    # How the runner will batch and score (data.packing, train.kernels; see estimate.py):
+    padding_free: bool = False
+    fused_loss: bool = False
+    # Padded batches: the mean row length, their longest example's (None: padding-free, no padding)
+    padded_seq_tokens: Optional[float] = None
 
     def as_json(self) -> dict[str, Any]:
         return {"vram_gb": round(self.vram_gb, 2), "tokens": self.tokens, "tokens_upper_bound": self.tokens_bound,
                 "seq_len": self.seq_len, "seq_tokens": round(self.seq_tokens, 1), "micro_batch": self.micro_batch,
                 "gradient_checkpointing": self.gradient_checkpointing, "params": self.facts.total_params,
-                "lengths_source": self.lengths_source, "lengths_warning": self.lengths_warning}
+                "lengths_source": self.lengths_source, "lengths_warning": self.lengths_warning,
+                "padding_free": self.padding_free, "fused_loss": self.fused_loss,
+                "padded_seq_tokens": _round(self.padded_seq_tokens, 1)}
 
 
 @dataclass(frozen=True)
@@ -111,21 +118,41 @@ def job_need(config: LaunchConfig, example_tokens: Optional[list[int]] = None, *
     job = config.job
     local_path, is_local = qr.resolve_local(job.model.base, config.base_dir)
     facts = estimate.model_facts(job.model.base, local_path if is_local else None)
-    vram = estimate.estimate_vram(
-        facts, micro_batch=job.train.micro_batch_size, seq_len=job.data.max_length, lora_r=job.lora.r,
-        lora_dropout=job.lora.dropout, gradient_checkpointing=job.train.gradient_checkpointing,
-        optimizer="paged_adamw_8bit" if job.train.optimizer == "auto" else job.train.optimizer,
-        double_quant=job.model.double_quant)
     lengths = dataset_lengths.example_lengths(config, example_tokens, exact_counts, hub_sample)
     tokens, bound = _training_tokens(config, lengths)
-    return JobNeed(vram_gb=vram.total_gb, tokens=tokens, tokens_bound=bound, seq_len=job.data.max_length,
-                   micro_batch=job.train.micro_batch_size, gradient_checkpointing=job.train.gradient_checkpointing,
+    # As the runner decides on the machine (qlora_runner.choose_padding_free / choose_kernels):
+    # auto packs where the model type is known to keep packed examples apart; every kernel choice
+    # but none keeps the full logits out of memory.
+    padding_free = job.data.packing is True or (
+        job.data.packing == "auto" and qr.padding_free_refusal(facts.model_type, job.model.trust_remote_code) is None)
+    fused_loss = job.train.kernels != "none"
+    batch, cap = job.train.micro_batch_size, job.data.max_length
+    peak_tokens, padded = _micro_batch_shape(lengths.stats, padding_free, batch, cap)
+    vram = estimate.estimate_vram(
+        facts, micro_batch=batch, seq_len=cap, lora_r=job.lora.r,
+        lora_dropout=job.lora.dropout, gradient_checkpointing=job.train.gradient_checkpointing,
+        optimizer="paged_adamw_8bit" if job.train.optimizer == "auto" else job.train.optimizer,
+        double_quant=job.model.double_quant, fused_loss=fused_loss, peak_tokens=peak_tokens)
+    return JobNeed(vram_gb=vram.total_gb, tokens=tokens, tokens_bound=bound, seq_len=cap,
+                   micro_batch=batch, gradient_checkpointing=job.train.gradient_checkpointing,
                    facts=facts, seq_tokens=_sequence_tokens(config, lengths), lengths_source=lengths.source,
-                   lengths_warning=lengths.warning)
+                   lengths_warning=lengths.warning, padding_free=padding_free, fused_loss=fused_loss,
+                   padded_seq_tokens=padded)
+
+
+def _micro_batch_shape(stats: Optional[dataset_lengths.LengthStats], padding_free: bool, batch: int,
+                       cap: int) -> tuple[Optional[int], Optional[float]]:
+    """(the most tokens a micro batch holds, for VRAM; the mean padded row length, for time:
+    None when padding-free). Without the examples' lengths: every example at max_length."""
+    if stats is None:
+        return None, None if padding_free else float(cap)
+    if padding_free:
+        return stats.largest_batch_tokens(cap, batch), None
+    return batch * stats.largest_batch_tokens(cap, 1), stats.mean_longest_of(cap, batch)
 
 
 def sequence_tokens(config: LaunchConfig, example_tokens: Optional[list[int]]) -> float:
-    """Mean tokens per training sequence: examples cut at max_length, or packed blocks (about full)."""
+    """Mean tokens per training sequence: the examples cut at max_length."""
     return _sequence_tokens(config, dataset_lengths.example_lengths(config, example_tokens))
 
 
@@ -136,7 +163,7 @@ def training_tokens(config: LaunchConfig, example_tokens: Optional[list[int]]) -
 
 def _sequence_tokens(config: LaunchConfig, lengths: dataset_lengths.ExampleLengths) -> float:
     data = config.job.data
-    if lengths.stats is None or data.packing:
+    if lengths.stats is None:
         return float(data.max_length)
     return lengths.stats.mean_capped(data.max_length)
 
@@ -206,7 +233,8 @@ def evaluate(offer: Offer, need: JobNeed, measured: Optional[list[MeasuredSpeed]
         speed = speed_factor(measured or [], gpu, need)
         calibrated = speed is not None
         hours = estimate.estimate_hours(need.facts, gpu, 1, need.tokens, need.seq_tokens,
-                                        need.micro_batch, need.gradient_checkpointing, speed=speed or 1.0)
+                                        need.micro_batch, need.gradient_checkpointing, speed=speed or 1.0,
+                                        padded_seq_len=need.padded_seq_tokens)
         if parallel:
             hours /= data_parallel_speedup(offer.gpu_count, nodes)
     machines = nodes if parallel else 1
@@ -287,12 +315,18 @@ def speed_factor(measured: list[MeasuredSpeed], gpu: GPU, need: JobNeed) -> Opti
     each run modelled at the shape it ran at; None without such runs. A record older than the
     shape columns is taken at this job's shape, as if its speed were this job's."""
     ratios = []
+    # A record does not say how its run batched: taken as this job batches (padded rows this
+    # much longer than its mean sequence, or none). A padded run calibrating a padding-free job
+    # counts its padding as slowness: conservative.
+    padding = (need.padded_seq_tokens / need.seq_tokens) if need.padded_seq_tokens and need.seq_tokens else None
     for m in measured:
         if _smi_gpu(m.gpu) is not gpu:
             continue
+        seq = m.seq_tokens or need.seq_tokens
         modelled = estimate.model_tokens_per_s(
-            need.facts, gpu, m.micro_batch or need.micro_batch, m.seq_tokens or need.seq_tokens,
-            need.gradient_checkpointing if m.gradient_checkpointing is None else m.gradient_checkpointing)
+            need.facts, gpu, m.micro_batch or need.micro_batch, seq,
+            need.gradient_checkpointing if m.gradient_checkpointing is None else m.gradient_checkpointing,
+            padded_seq_len=seq * padding if padding else None)
         ratios.append(m.tokens_per_s / modelled)
     return statistics.median(ratios) if ratios else None
 

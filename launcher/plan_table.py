@@ -320,8 +320,10 @@ def fitted_table(console: Console, groups: Sequence[OfferGroup], choice: Optiona
 def need_lines(need: Any) -> tuple[str, str]:
     """What the job needs; its tokens, and how they were counted (JobNeed.lengths_source where
     it has one, else whether the count is an upper bound)."""
+    how = [w for w, on in (("padding-free", getattr(need, "padding_free", False)),
+                           ("no full logits", getattr(need, "fused_loss", False))) if on]
     first = (f"need: {need.vram_gb:.1f} GB of GPU memory ({need.facts.total_params / 1e9:.2f}B params, "
-             f"micro batch {need.micro_batch} x {need.seq_len} tokens)")
+             f"micro batch {need.micro_batch} x {need.seq_len} tokens{''.join(', ' + w for w in how)})")
     source = getattr(need, "lengths_source", None)
     if need.tokens is None:
         second = "training tokens: unknown, so no hours or $" + (f" (lengths from {source})" if source else "")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from launcher import estimate
 from launcher.config import LaunchConfig, runner_module
 from launcher.errors import EXIT_CONFIG, EXIT_DATA, EXIT_ENVIRONMENT, EXIT_MODEL, EXIT_TARGET
 from launcher.remote import Machine, RemoteError, Unreachable, shell_path
@@ -213,6 +214,23 @@ def check_model(report: PreflightReport, config: LaunchConfig, runs_here: bool =
         else:
             report.add("warning", "model", f"model.base: could not reach huggingface.co to check {base}; not "
                                            f"checked ({not_a_folder})")
+
+
+def check_packing(report: PreflightReport, config: LaunchConfig) -> None:
+    """data.packing: true on a model whose attention is not known to keep packed examples apart
+    would fail on the machine (the runner refuses it): said here, before anything is rented."""
+    job = config.job
+    if job.data.packing is not True:
+        return
+    path, is_local = runner_module().resolve_local(job.model.base, config.base_dir)
+    try:
+        facts = estimate.model_facts(job.model.base, path if is_local else None)
+    except estimate.UnknownModel:
+        return  # no config.json here: the runner decides on the machine
+    refusal = runner_module().padding_free_refusal(facts.model_type, job.model.trust_remote_code)
+    if refusal:
+        report.add("error", "config", f"data.packing: true, but {refusal}; set data.packing: false (or auto)",
+                   EXIT_CONFIG)
 
 
 def needed_disk_gb(config: LaunchConfig, assets_bytes: int, has_python: bool) -> float:

@@ -61,6 +61,7 @@ import csv
 import dataclasses
 import difflib
 import errno
+import functools
 import json
 import math
 import os
@@ -199,7 +200,9 @@ class DataSection:
     path: str  # local file or folder (relative to the config file), or a hub dataset id
     format: Literal["completion", "instruction", "chat"] = "instruction"
     max_length: int = 1024
-    packing: bool = False
+    # Padding-free batches: a micro batch's examples in one row, each attending only to itself.
+    # auto: on where the model's attention is known to honour it (see padding_free_refusal).
+    packing: Union[bool, Literal["auto"]] = "auto"
     splits: SplitsSection = field(default_factory=SplitsSection)
     validation_path: Optional[str] = None  # given split files replace the fractions for that split
     test_path: Optional[str] = None
@@ -257,6 +260,9 @@ class TrainSection:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported, else fp16; fp32 on CPU
     optimizer: Literal["auto", "adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = "auto"
+    # auto: Liger's kernels on CUDA when liger-kernel is installed, else our chunked loss; liger:
+    # Liger or an error; none: the model's own loss, full logits and all (see "Kernels and the loss").
+    kernels: Literal["auto", "liger", "none"] = "auto"
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
@@ -273,6 +279,8 @@ class TrainSection:
             _require(
                 self.precision in ("auto", "fp32"), "precision", f"must be auto or fp32 on the CPU, got {self.precision}"
             )
+            _require(self.kernels != "liger", "kernels",
+                     "liger needs a CUDA GPU (its kernels are Triton); use auto or none with train.device: cpu")
 
 
 @dataclass
@@ -444,6 +452,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _type_word(tp: Any) -> str:
     if tp is type(None):
         return "null"
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(map(str, typing.get_args(tp)))
     if typing.get_origin(tp) is list:
         return "a list"
     if dataclasses.is_dataclass(tp):
@@ -1456,7 +1466,7 @@ def encode_segments(tokenizer: Any, segments: list[Segment], bos: bool) -> tuple
     return ids, labels
 
 
-def tokenize_split(examples: list[Example], tokenizer: Any, max_length: int, packing: bool) -> TokenizedSplit:
+def tokenize_split(examples: list[Example], tokenizer: Any, max_length: int) -> TokenizedSplit:
     bos = adds_bos(tokenizer)
     out = TokenizedSplit([], [], [])
     for example in examples:
@@ -1470,24 +1480,7 @@ def tokenize_split(examples: list[Example], tokenizer: Any, max_length: int, pac
         out.input_ids.append(ids)
         out.labels.append(labels)
         out.examples.append(example)
-    if packing:
-        out.input_ids, out.labels = pack(out.input_ids, out.labels, max_length)
     return out
-
-
-def pack(all_ids: list[list[int]], all_labels: list[list[int]], max_length: int):
-    """Greedy packing: whole examples into blocks of at most max_length tokens, in order.
-    Examples in a block attend to each other (plain causal mask), the usual trade for speed."""
-    blocks_ids: list[list[int]] = []
-    blocks_labels: list[list[int]] = []
-    for ids, labels in zip(all_ids, all_labels):
-        if blocks_ids and len(blocks_ids[-1]) + len(ids) <= max_length:
-            blocks_ids[-1] = blocks_ids[-1] + ids
-            blocks_labels[-1] = blocks_labels[-1] + labels
-        else:
-            blocks_ids.append(list(ids))
-            blocks_labels.append(list(labels))
-    return blocks_ids, blocks_labels
 
 
 @dataclass
@@ -1519,8 +1512,7 @@ def prepare_data(cfg: JobConfig, config_dir: Path, tokenizer: Any) -> PreparedDa
             splits[name] = None
             continue
         examples = format_records(rs, data, tokenizer, key)
-        # Evaluation never packs: each test example is scored on its own.
-        splits[name] = tokenize_split(examples, tokenizer, data.max_length, data.packing and name == "train")
+        splits[name] = tokenize_split(examples, tokenizer, data.max_length)
     train = splits["train"]
     if not train.input_ids:
         longest = max(len(encode_segments(tokenizer, e.prompt, False)[0]) for e in format_records(train_r[:200], data, tokenizer, "data.path"))
@@ -1860,6 +1852,174 @@ def accelerate_launch(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Kernels and the loss
+# ---------------------------------------------------------------------------------------------
+#
+# A causal LM's own loss materialises the LM head's output for every token: [tokens x vocabulary]
+# logits, their fp32 copy and their gradient (3.7 GB per 2k tokens at Qwen2's 152k vocabulary),
+# often the largest tensors of a QLoRA step. Both ways below never hold more than one chunk of
+# them: Liger's fused linear cross-entropy (Triton, CUDA only, with its RMSNorm/SwiGLU/RoPE
+# kernels), applied by transformers' own integration (TrainingArguments.use_liger_kernel), or our
+# chunked loss, which computes each chunk's gradient in the forward pass, as Liger does, so the
+# backward pass has nothing to recompute.
+
+KERNEL_WORDS = {"liger": "Liger (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE)",
+                "chunked": "chunked loss (no full logits)", "none": "the model's own loss"}
+LOSS_CHUNK_BYTES = 256 * 2**20  # one chunk's fp32 logits; its gradient takes as much again
+# Config keys of softcapped or scaled logits: the chunked loss would skip that step, so such models keep their own.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def choose_kernels(requested: str, device: str, liger_importable: bool, liger_types: frozenset[str],
+                   model_type: str) -> str:
+    """"liger", "chunked" or "none" for train.kernels on this machine and model."""
+    if requested == "none":
+        return "none"
+    liger_fits = device == "cuda" and liger_importable and model_type in liger_types
+    if requested == "liger" and not liger_fits:
+        if device != "cuda":
+            raise ConfigError("train.kernels: liger needs a CUDA GPU (its kernels are Triton); use auto or none")
+        if not liger_importable:
+            raise EnvironmentProblem("train.kernels: liger, but liger-kernel cannot be imported; "
+                                     "pip install liger-kernel, or use train.kernels: auto")
+        raise ConfigError(f"train.kernels: Liger has no kernels for model type {model_type!r}; use auto "
+                          "(our chunked loss) or none")
+    return "liger" if liger_fits else "chunked"
+
+
+def liger_model_types() -> tuple[bool, frozenset[str]]:
+    """(whether liger-kernel imports, the model types it patches)."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except Exception:  # not installed, or no Triton (a CPU machine): the chunked loss instead
+        return False, frozenset()
+    return True, frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def chunked_loss_applies(model: Any) -> Optional[str]:
+    """Why our chunked loss cannot stand in for this model's own loss, or None when it can: a
+    decoder (`model.<base_model_prefix>`) and a plain linear LM head, no transform of the logits."""
+    import torch
+
+    head = getattr(model, "lm_head", None)
+    if getattr(model, getattr(model, "base_model_prefix", ""), None) is None or type(head) is not torch.nn.Linear:
+        return f"{type(model).__name__} is not a decoder with a plain linear lm_head"
+    config = getattr(model, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            return f"its logits are transformed ({name})"
+    return None
+
+
+def chunked_causal_lm_loss(hidden: Any, head: Any, labels: Any, num_items_in_batch: Any = None,
+                           chunk_tokens: Optional[int] = None) -> Any:
+    """The causal LM loss of transformers' ForCausalLMLoss (labels shifted by one, -100 ignored,
+    summed over num_items_in_batch when given, else the mean), from the last hidden states and the
+    LM head, one chunk of tokens at a time."""
+    import torch
+
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1).to(hidden.device)
+    flat = hidden.reshape(-1, hidden.size(-1))
+    if num_items_in_batch is None:
+        denominator = (shifted != -100).sum().clamp(min=1).to(torch.float32)
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
+    chunk = chunk_tokens or max(16, LOSS_CHUNK_BYTES // (4 * head.weight.size(0)))
+    return _chunked_cross_entropy().apply(flat, head.weight, head.bias, shifted, denominator, chunk)
+
+
+@functools.lru_cache(maxsize=1)
+def _chunked_cross_entropy() -> Any:
+    """The autograd function, made on first use (torch is imported only when training)."""
+    import torch
+
+    class ChunkedLinearCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, labels, denominator, chunk):  # type: ignore[override]
+            wants = ctx.needs_input_grad
+            # The gradients are kept as d(sum of losses): values of order one, which fp16 and its
+            # matmuls under autocast hold; the 1/denominator (about 1/tokens, a subnormal in fp16)
+            # is applied in backward, in fp32, together with the loss scale.
+            grad_hidden = torch.zeros_like(hidden) if wants[0] else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants[1] else None
+            grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and wants[2] else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.size(0), chunk):
+                h, y = hidden[start:start + chunk], labels[start:start + chunk]
+                logits = torch.nn.functional.linear(h, weight, bias).float()  # as lm_head(h).float()
+                valid = y != -100
+                target = y.clamp(min=0).unsqueeze(1)
+                log_z = torch.logsumexp(logits, dim=-1)
+                total += ((log_z - logits.gather(1, target).squeeze(1)) * valid).sum()
+                if grad_hidden is None and grad_weight is None and grad_bias is None:
+                    continue
+                # d(sum of losses)/d(logits) = softmax - one_hot, for the counted tokens only
+                grad = logits.sub_(log_z.unsqueeze(1)).exp_()  # in place: one chunk-sized buffer
+                grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
+                grad.mul_(valid.to(grad.dtype).unsqueeze(1))
+                if grad_hidden is not None:
+                    grad_hidden[start:start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += grad.t() @ h.float()
+                if grad_bias is not None:
+                    grad_bias += grad.sum(0)
+            ctx.save_for_backward(denominator, *(t for t in (grad_hidden, grad_weight, grad_bias) if t is not None))
+            ctx.present = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+            ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+            return total / denominator
+
+        @staticmethod
+        def backward(ctx, grad_output):  # type: ignore[override]
+            denominator, *saved = ctx.saved_tensors
+            factor = grad_output.float() / denominator
+            grads = iter(saved)
+            out = [(next(grads).float() * factor).to(dtype) if present else None
+                   for present, dtype in zip(ctx.present, ctx.dtypes)]
+            return out[0], out[1], out[2], None, None, None
+
+    return ChunkedLinearCrossEntropy
+
+
+def use_chunked_loss(model: Any) -> None:
+    """This model's forward computes the loss chunk by chunk whenever labels are given (training
+    and validation), returning no logits then; without labels (scoring, generation) it is the
+    model's own. Patched on the instance, as Liger does, so peft and DDP call it unchanged."""
+    import types
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    own_forward = model.forward
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
+        if labels is None:
+            return own_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        for unused in ("logits_to_keep", "return_dict"):
+            kwargs.pop(unused, None)
+        decoder = getattr(self, self.base_model_prefix)
+        outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        loss = chunked_causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels, num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def apply_kernels(model: Any, cfg: "JobConfig", plan: DevicePlan) -> str:
+    """Decide train.kernels for this model and set the chunked loss up; "liger" is applied by the
+    Trainer (training_arguments). Returns what was chosen, for the log."""
+    importable, types_ = liger_model_types() if plan.device == "cuda" else (False, frozenset())
+    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    chosen = choose_kernels(cfg.train.kernels, plan.device, importable, types_, model_type)
+    if chosen == "chunked":
+        why_not = chunked_loss_applies(model)
+        if why_not:
+            log(f"train.kernels: the model's own loss ({why_not})")
+            return "none"
+        use_chunked_loss(model)
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
 
@@ -1877,6 +2037,57 @@ def collate(features: list[dict[str, list[int]]], pad_id: int, multiple_of: int 
         labels.append(f["labels"] + [-100] * pad)
         mask.append([1] * len(f["input_ids"]) + [0] * pad)
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+def collate_padding_free(features: list[dict[str, list[int]]]) -> dict[str, Any]:
+    """A micro batch as one row without padding: position ids restart at each example, which is
+    how transformers limits attention to each example (a block-diagonal mask for SDPA and eager
+    attention, variable-length kernels for flash-attention). An example's first label is -100 so
+    the one before it never learns to predict it (DataCollatorWithFlattening does the same). No
+    cache: transformers reads packed position ids only when there is none (masking_utils), and a
+    model whose config says use_cache would otherwise let the examples see each other."""
+    import torch
+
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for f in features:
+        ids += f["input_ids"]
+        labels += [-100] + f["labels"][1:]
+        positions += range(len(f["input_ids"]))
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions]),
+            "use_cache": False}
+
+
+# Model types whose transformers attention builds its mask from packed position ids
+# (masking_utils.find_packed_sequence_indices) or runs flash-attention's variable-length path.
+PADDING_FREE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2"})
+PADDING_FREE_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def padding_free_refusal(model_type: str, trust_remote_code: bool, attention: Optional[str] = None) -> Optional[str]:
+    """Why padding-free batches are not known to be safe for this model, or None when they are:
+    elsewhere, examples sharing a row could attend to each other."""
+    if trust_remote_code:
+        return "the model runs its own code (model.trust_remote_code), whose attention may ignore position ids"
+    if model_type not in PADDING_FREE_MODEL_TYPES:
+        return (f"model type {model_type!r} is not one whose attention is known to keep packed examples apart "
+                f"({', '.join(sorted(PADDING_FREE_MODEL_TYPES))})")
+    if attention is not None and attention not in PADDING_FREE_ATTENTION:
+        return f"attention implementation {attention!r} is not one of {', '.join(PADDING_FREE_ATTENTION)}"
+    return None
+
+
+def choose_padding_free(packing: Union[bool, str], model: Any, trust_remote_code: bool) -> bool:
+    """data.packing for this model: true insists (an error where it is not safe), auto takes it where it is."""
+    if packing is False:
+        return False
+    config = getattr(model, "config", None)
+    refusal = padding_free_refusal(getattr(config, "model_type", "") or "", trust_remote_code,
+                                   getattr(config, "_attn_implementation", None))
+    if refusal and packing is True:
+        raise ConfigError(f"data.packing: true, but {refusal}; set data.packing: false (or auto)")
+    return refusal is None
 
 
 def to_dataset(split: TokenizedSplit) -> Any:
@@ -2184,7 +2395,14 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag, ranks:
         start_data_parallel(args, cfg.train, ranks, resume_step)
 
     log(f"loading {cfg.model.base}")
-    model = attach_lora(load_model(base, cfg, plan), cfg)
+    model = load_model(base, cfg, plan)
+    kernels = apply_kernels(model, cfg, plan)
+    args.use_liger_kernel = kernels == "liger"  # transformers applies Liger's kernels as training starts
+    padding_free = choose_padding_free(cfg.data.packing, model, cfg.model.trust_remote_code)
+    if padding_free:  # no attention mask to count by, and no padding to leave out of the count
+        args.include_num_input_tokens_seen = "all"
+    log(f"kernels: {KERNEL_WORDS[kernels]}; batches: {'padding-free' if padding_free else 'padded'}")
+    model = attach_lora(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"LoRA r={cfg.lora.r} on {cfg.lora.target_modules}: {trainable:,} trainable parameters")
 
@@ -2211,7 +2429,8 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag, ranks:
         args=args,
         train_dataset=to_dataset(data.train),
         eval_dataset=to_dataset(data.validation) if data.validation else None,
-        data_collator=lambda f: collate(f, tokenizer.pad_token_id, 8 if plan.device == "cuda" else 1),
+        data_collator=(collate_padding_free if padding_free else
+                       lambda f: collate(f, tokenizer.pad_token_id, 8 if plan.device == "cuda" else 1)),
         callbacks=make_callbacks(run, cfg, stop, plan, ranks, uploader),
     )
     trainer.remove_callback(PrinterCallback)  # our callback prints (and records) progress
@@ -2236,6 +2455,11 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag, ranks:
             upload_quietly(store, run, ("metrics.jsonl", "status.json"))
         return code
 
+    if ranks.world > 1:
+        # Every rank's Trainer lists .incoming as train() ends (transformers' sort_checkpoints):
+        # removed under a rank still returning, it killed that rank (FileNotFoundError) and with
+        # it the run, at random.
+        all_ranks_max([0], args.device)
     if ranks.is_local_main and run.incoming.exists():
         shutil.rmtree(run.incoming)
     run.set_status("saving", step=trainer.state.global_step)

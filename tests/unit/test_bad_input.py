@@ -6,6 +6,7 @@ creating nothing there."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -146,6 +147,16 @@ def model_without_weights(folder: Path) -> list[str]:
     return config_with(folder, "model", base=str(folder / "noweights"))
 
 
+def packing_on_an_unknown_architecture(folder: Path) -> list[str]:
+    model = folder / "othermodel"
+    shutil.copytree(folder / "tiny" / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    job = yaml.safe_load((folder / "tiny-cpu.yaml").read_text())
+    job["model"]["base"], job["data"]["packing"] = str(model), True
+    return config_text(folder, yaml.safe_dump(job))
+
+
 GOOD = ("instruction,output\n", '{"instruction": "Say hi", "output": "hi"}\n')
 CASES = {
     "malformed YAML": (lambda f: config_text(f, "model: [unclosed\n  data: x\n"), 3,
@@ -195,6 +206,11 @@ CASES = {
                                   "is a folder, not a job file"),
     "a ready config misspelt": (lambda f: ["--config", "mistral-7b", "--yes"], 2,
                                 "did you mean the ready config 'mistral-7b-qlora'?"),
+    "padding-free batches on a model not known to keep them apart": (
+        packing_on_an_unknown_architecture, 3, "data.packing: true, but model type 'gpt_neox' is not one whose "
+                                               "attention is known to keep packed examples apart"),
+    "Liger's kernels on a CPU job": (lambda f: config_with(f, "train", kernels="liger"), 3,
+                                     "train.kernels: liger needs a CUDA GPU"),
     "a runs folder that cannot be written": (lambda f: ["--config", str(f / "tiny-cpu.yaml"), "--yes", "--runs-dir",
                                                         str(write(f, "a-file", "x") / "runs")], 2,
                                              "cannot write there (Not a directory: {f}/a-file)"),

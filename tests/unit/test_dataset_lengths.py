@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -144,9 +145,18 @@ def test_a_different_max_length_uses_the_same_statistics(tmp_path):
     for cap in (128, 256, 2048):
         need = offers.job_need(job_config(tmp_path, **{"data.max_length": cap}))
         assert need.seq_tokens == pytest.approx(sum(min(n, cap) for n in lengths) / len(lengths))
+    mean = sum(min(n, 1024) for n in lengths) / len(lengths)
     packed = offers.job_need(job_config(tmp_path, **{"data.packing": True}))
-    assert packed.seq_tokens == 1024  # packed blocks are about full
-    assert packed.tokens == int(51_760 * 0.98 * sum(min(n, 1024) for n in lengths) / len(lengths))
+    padded = offers.job_need(job_config(tmp_path, **{"data.packing": False}))
+    for need in (packed, padded):  # the same examples, the same steps: only the rows differ
+        assert need.seq_tokens == pytest.approx(mean)
+        assert need.tokens == int(51_760 * 0.98 * mean)
+    assert packed.padding_free and packed.padded_seq_tokens is None
+    # a padded micro batch of 2 pads to its longer example: E[max of two draws], by brute force
+    pairs = random.Random(0).choices(lengths, k=40_000)
+    sampled = sum(max(min(a, 1024), min(b, 1024)) for a, b in zip(pairs[::2], pairs[1::2])) / 20_000
+    assert padded.padded_seq_tokens == pytest.approx(sampled, rel=0.02) and padded.padded_seq_tokens > mean
+    assert packed.vram_gb < padded.vram_gb  # its largest micro batch is smaller than 2 x 1024
 
 
 def test_another_model_on_a_shipped_dataset_takes_the_longest_counts_as_a_stand_in(tmp_path):
@@ -341,3 +351,11 @@ def test_the_hub_token_goes_to_the_hub_only(tmp_path, monkeypatch):
         monkeypatch.setenv(dataset_lengths.DATASETS_SERVER_ENV, url)
         offers.job_need(config)
     assert seen and all(token is None for token in seen)
+
+
+def test_the_largest_padding_free_micro_batch_is_its_longest_examples():
+    stats = dataset_lengths.LengthStats.of([5, 300, 40, 2000, 70, 300])
+    assert stats.largest_batch_tokens(1024, 1) == 1024  # cut at max_length
+    assert stats.largest_batch_tokens(1024, 3) == 1024 + 300 + 300
+    assert stats.largest_batch_tokens(256, 3) == 3 * 256
+    assert stats.largest_batch_tokens(1024, 10) == 5 + 300 + 40 + 1024 + 70 + 300  # fewer examples than the batch

@@ -76,6 +76,35 @@ def test_vram_grows_with_batch_and_length_and_shrinks_with_checkpointing():
     assert saved == pytest.approx(facts.linear_params * 0.373 / 8 / 1e9)
 
 
+def test_a_fused_loss_keeps_one_chunk_of_logits_and_the_hidden_states_gradient():
+    """DeepSeek-R1-Distill-Qwen's 152k vocabulary at 2 x 1024 tokens: 3.7 GB of logits, their
+    float copy and gradient with the model's own loss; at most two 256 MiB chunks and the last
+    hidden states' gradient with ours or Liger's. Nothing else in the estimate changes."""
+    facts = estimate.model_facts("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
+    args = dict(micro_batch=2, seq_len=1024, lora_r=16, lora_dropout=0.05, gradient_checkpointing=True)
+    full = estimate.estimate_vram(facts, **args)
+    fused = estimate.estimate_vram(facts, fused_loss=True, **args)
+    assert full.logits_gb == pytest.approx(3 * 2048 * 151_936 * 4 / 1e9) and full.logits_gb > 3.7
+    assert fused.logits_gb == pytest.approx((2 * 256 * 2**20 + 2048 * facts.hidden_size * 2) / 1e9)
+    assert full.tensors_gb - fused.tensors_gb == pytest.approx(full.logits_gb - fused.logits_gb)
+    tiny = estimate.estimate_vram(facts, fused_loss=True, **{**args, "micro_batch": 1, "seq_len": 64})
+    assert tiny.logits_gb == pytest.approx((2 * 64 * 151_936 * 4 + 64 * facts.hidden_size * 2) / 1e9)  # under a chunk
+
+
+def test_padding_free_batches_size_memory_by_their_tokens_and_time_by_no_padding(monkeypatch):
+    assert vram(peak_tokens=900).activations_gb == pytest.approx(vram(micro_batch=1, seq_len=900).activations_gb)
+    facts = estimate.model_facts("mistralai/Mistral-7B-v0.3")
+    args = dict(tokens=10_000_000, seq_len=300.0, micro_batch=2, gradient_checkpointing=True)
+    free = estimate.estimate_hours(facts, resolve("A10G"), 1, **args)
+    padded = estimate.estimate_hours(facts, resolve("A10G"), 1, padded_seq_len=450.0, **args)
+    assert free < padded < 1.5 * free  # the padding's FLOPs; the per-layer fixed costs stay per micro step
+    assert estimate.estimate_hours(facts, resolve("A10G"), 1, padded_seq_len=300.0, **args) == pytest.approx(free)
+    monkeypatch.setattr(estimate, "LAYER_PASS_OVERHEAD_S", 0.0)  # the FLOPs alone: rows a half longer
+    flops_only = estimate.estimate_hours(facts, resolve("A10G"), 1, padded_seq_len=450.0, **args) / \
+        estimate.estimate_hours(facts, resolve("A10G"), 1, **args)
+    assert 1.5 < flops_only < 1.52  # (and attention's share grows with the row)
+
+
 def test_a_7b_qlora_job_fits_the_gpus_users_rent_for_it():
     """Mistral-7B, micro batch 2 x 1024 tokens, r 16, checkpointing: the QLoRA paper's point is
     that this fits a 16 GB T4 and a 24 GB A10G; without checkpointing it does not fit 24 GB."""

@@ -7,8 +7,10 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from launcher import config as launch_config
 from launcher import estimate, offers
@@ -22,6 +24,15 @@ READY = ["mistral-7b-qlora", "llama-3.1-8b-qlora", "deepseek-r1-distill-qwen-1.5
 
 def need_of(name: str) -> offers.JobNeed:
     return offers.job_need(launch_config.load(ROOT / "configs" / f"{name}.yaml"))
+
+
+def ready_config_with(tmp_path: Path, name: str, section: str, **values) -> Path:
+    """A copy of a ready config with `values` set in `section` (its paths are hub ids: no folder to move)."""
+    job = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    job[section].update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
 
 
 def random_market(rng: random.Random, size: int) -> list[offers.Offer]:
@@ -84,11 +95,23 @@ def test_asking_for_a10g_finds_the_aws_g5_offers():
     assert choice == 0 and rows[0].fits
 
 
-def test_more_gpus_hold_more_but_do_not_go_faster():
-    need = need_of("llama-3.1-8b-qlora")
+def test_more_gpus_hold_more_but_do_not_go_faster(tmp_path):
+    # with the full logits (train.kernels: none) Llama-3.1-8B needs more than one T4's 16 GB
+    need = offers.job_need(launch_config.load(ready_config_with(tmp_path, "llama-3.1-8b-qlora", "train", kernels="none")))
     one = offers.evaluate(offers.Offer("x", None, "T4", 1, 16, 0.5, False), need)
     two = offers.evaluate(offers.Offer("x", None, "T4", 2, 16, 1.0, False), need)
     assert not one.fits and two.fits and two.est_hours == pytest.approx(one.est_hours)
+
+
+def test_keeping_the_logits_out_of_memory_puts_llama_8b_on_a_t4(tmp_path):
+    """The ready config's fused loss (train.kernels: auto) frees 3 x 2048 tokens x 128k x 4 B of
+    logits: the 16 GB T4 that held it only at micro batch 1 now holds it as it is."""
+    fused = need_of("llama-3.1-8b-qlora")
+    full = offers.job_need(launch_config.load(ready_config_with(tmp_path, "llama-3.1-8b-qlora", "train", kernels="none")))
+    t4 = offers.Offer("x", None, "T4", 1, 16, 0.5, False)
+    assert fused.fused_loss and not full.fused_loss
+    assert offers.evaluate(t4, fused).fits and not offers.evaluate(t4, full).fits
+    assert full.vram_gb - fused.vram_gb > 2.5
 
 
 def test_a_measured_speed_calibrates_the_model_on_that_gpu_only():
@@ -158,8 +181,8 @@ def test_plan_json_lists_every_row_of_the_gpu_and_marks_the_choice(tmp_path):
 
 
 def test_no_fitting_offer_is_a_clear_error_naming_the_near_miss(tmp_path):
-    proc = launch_plan(tmp_path, "--config", str(ROOT / "configs" / "llama-3.1-8b-qlora.yaml"), "--gpu", "T4",
-                       "--on-demand")
+    config = ready_config_with(tmp_path, "llama-3.1-8b-qlora", "train", kernels="none")
+    proc = launch_plan(tmp_path, "--config", str(config), "--gpu", "T4", "--on-demand")
     assert proc.returncode == 9
     error = proc.stderr.strip().splitlines()[-1]
     assert "no offer can hold this job" in error and "cheapest near miss is 1x T4 on aws" in error

@@ -1,4 +1,5 @@
-"""Data layer of runner/qlora_runner.py: reading, splitting, formatting, tokenizing, packing.
+"""Data layer of runner/qlora_runner.py: reading, splitting, formatting, tokenizing
+(padding-free batches: tests/unit/test_runner_kernels.py).
 
 Uses the real tiny tokenizer in configs/tiny/model (bos <s>, eos </s>, pad <pad>; it adds <s>
 at the start and has no chat template)."""
@@ -67,10 +68,10 @@ def ids_of(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenize(records, tokenizer, max_length=256, packing=False, **data_values):
-    data = data_section(max_length=max_length, packing=packing, **data_values)
+def tokenize(records, tokenizer, max_length=256, **data_values):
+    data = data_section(max_length=max_length, **data_values)
     examples = runner.format_records(records, data, tokenizer, "data.path")
-    return runner.tokenize_split(examples, tokenizer, max_length, packing)
+    return runner.tokenize_split(examples, tokenizer, max_length)
 
 
 def labelled_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
@@ -169,7 +170,7 @@ def test_instruction_custom_prompt_template_and_fields(tok):
     assert [s.text for s in examples[0].segments] == ["Q: Where does the cat live?\nContext: pets\nA: ", "In a house."]
     assert [s.text for s in examples[1].segments] == ["Q: Why?\nContext: \nA: ", "Because."]
     assert [s.trained for s in examples[0].segments] == [False, True]
-    out = runner.tokenize_split(examples, tok, 256, False)
+    out = runner.tokenize_split(examples, tok, 256)
     prompt_ids = [tok.bos_token_id] + ids_of(tok, "Q: Where does the cat live?\nContext: pets\nA: ")
     assert out.input_ids[0][: len(prompt_ids)] == prompt_ids
     assert out.labels[0] == [-100] * len(prompt_ids) + ids_of(tok, "In a house.") + [tok.eos_token_id]
@@ -302,33 +303,6 @@ def test_prepare_data_every_prompt_too_long(tmp_path, tok):
     assert excinfo.value.exit_code == 4
     message = str(excinfo.value)
     assert "data.max_length=16" in message and "raise data.max_length" in message
-
-
-def test_pack_blocks(tok):
-    seqs = [[i] * n for i, n in enumerate([5, 3, 7, 2, 9, 1, 4, 4, 10], start=1)]
-    labels = [[-100] + s[1:] for s in seqs]
-    blocks, block_labels = runner.pack(seqs, labels, 10)
-    assert all(len(b) <= 10 for b in blocks)
-    assert [len(b) for b in blocks] == [len(l) for l in block_labels]
-    assert [t for b in blocks for t in b] == [t for s in seqs for t in s]  # all tokens, in order
-    assert [t for b in block_labels for t in b] == [t for s in labels for t in s]
-    # greedy: every block ends because the next example would not fit
-    lengths = [len(s) for s in seqs]
-    assert [len(b) for b in blocks] == [8, 9, 10, 8, 10]
-    assert sum(lengths) == sum(len(b) for b in blocks)
-    # the inputs are not modified
-    assert seqs[0] == [1] * 5 and labels[0] == [-100] + [1] * 4
-
-
-def test_tokenize_split_with_packing(tok):
-    records = [{"text": f"The animal number {i} is small."} for i in range(20)]
-    plain = tokenize(records, tok, max_length=64, format="completion")
-    packed = tokenize(records, tok, max_length=64, packing=True, format="completion")
-    assert len(packed.input_ids) < len(plain.input_ids)
-    assert all(len(b) <= 64 for b in packed.input_ids)
-    assert [t for b in packed.input_ids for t in b] == [t for s in plain.input_ids for t in s]
-    assert [t for b in packed.labels for t in b] == [t for s in plain.labels for t in s]
-    assert packed.tokens == plain.tokens and packed.trained_tokens == plain.trained_tokens
 
 
 # ---------------------------------------------------------------------------------------------
