@@ -175,14 +175,16 @@ def write_data(path: Path, examples: int, seq_len: int, seed: int = 0) -> None:
             f.write(json.dumps({"instruction": f"Tell me about animal {i}.", "input": "", "output": output}) + "\n")
 
 
-def write_job(case: Case, model_dir: Path, data_file: Path, dest: Path, steps: int, device: str) -> None:
+def write_job(case: Case, model_dir: Path, data_file: Path, dest: Path, steps: int, device: str,
+              kernels: str = "none") -> None:
     job = read_job(case.config)
     job["model"]["base"] = str(model_dir)
     job["data"] = {"path": str(data_file), "format": "instruction", "max_length": case.seq_len, "packing": False,
                    "splits": {"train": 1.0, "validation": 0.0, "test": 0.0}}
     job["train"].pop("epochs", None)
     job["train"].update(max_steps=steps, grad_accum=1, micro_batch_size=case.micro_batch, save_every=10 * steps,
-                        eval_every=10 * steps, gradient_checkpointing=case.gradient_checkpointing, device=device)
+                        eval_every=10 * steps, gradient_checkpointing=case.gradient_checkpointing, device=device,
+                        kernels=kernels)
     job["eval"] = {"samples": 0}
     dest.write_text(yaml.safe_dump(job, sort_keys=False))
 
@@ -240,14 +242,15 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], Optional[str]]:
     return [r for r in records if r.get("event") == "train"], error
 
 
-def estimate_for(case: Case, facts: dict[str, Any], gpu_name: Optional[str]) -> tuple[float, Optional[float]]:
+def estimate_for(case: Case, facts: dict[str, Any], gpu_name: Optional[str],
+                 kernels: str = "none") -> tuple[float, Optional[float]]:
     job = read_job(case.config)
     model_facts = estimate.ModelFacts.from_config(facts)
     lora = job["lora"]
     vram = estimate.estimate_vram(model_facts, micro_batch=case.micro_batch, seq_len=case.seq_len, lora_r=lora["r"],
                                   lora_dropout=lora.get("dropout", 0.05),
                                   gradient_checkpointing=case.gradient_checkpointing,
-                                  double_quant=job["model"].get("double_quant", True))
+                                  double_quant=job["model"].get("double_quant", True), fused_loss=kernels != "none")
     try:
         gpu = gpus.resolve(gpu_name) if gpu_name else None
     except gpus.UnknownGPU:
@@ -258,15 +261,15 @@ def estimate_for(case: Case, facts: dict[str, Any], gpu_name: Optional[str]) -> 
 
 
 def run_case(case: Case, model_dir: Path, work: Path, steps: int, device: str, watch: Optional[GPUMemoryWatch],
-             facts: dict[str, Any], timeout_s: float) -> Result:
-    est_vram, est_tps = estimate_for(case, facts, watch.name if watch else None)
+             facts: dict[str, Any], timeout_s: float, kernels: str = "none") -> Result:
+    est_vram, est_tps = estimate_for(case, facts, watch.name if watch else None, kernels)
     result = Result(case, ok=False, est_vram_gb=est_vram, est_tokens_per_s=est_tps, gpu=watch.name if watch else "cpu")
     case_dir = work / case.name.replace(" ", "_")
     case_dir.mkdir(parents=True)
     data_file = case_dir / "data.jsonl"
     write_data(data_file, steps * case.micro_batch + case.micro_batch, case.seq_len)
     job_file = case_dir / "job.yaml"
-    write_job(case, model_dir, data_file, job_file, steps, device)
+    write_job(case, model_dir, data_file, job_file, steps, device, kernels)
     run_dir = case_dir / "run"
     started = time.time()
     cmd = [sys.executable, str(RUNNER), "--config", str(job_file), "--out", str(run_dir)]
@@ -355,6 +358,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here (after every case)")
     parser.add_argument("--report", nargs="+", type=Path, metavar="JSON",
                         help="print saved results (--json files) with the estimates recomputed by today's code")
+    parser.add_argument("--kernels", choices=("none", "auto", "liger"), default="none",
+                        help="train.kernels for every case (default none: the model's own loss, as the "
+                             "saved measurements behind the estimate's fit were made)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the plumbing, measures nothing")
     args = parser.parse_args(argv)
 
@@ -390,7 +396,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if args.budget_s and time.time() - started > args.budget_s:
                     print(f"budget of {args.budget_s:.0f} s spent: {case.name} skipped", flush=True)
                     continue
-                result = run_case(case, model_dir, work, args.steps, device, watch, facts, args.case_timeout_s)
+                result = run_case(case, model_dir, work, args.steps, device, watch, facts, args.case_timeout_s,
+                                  args.kernels)
                 results.append(result)
                 print(f"{case.name}: {'ok' if result.ok else 'FAILED ' + str(result.error)} in {result.wall_s} s; "
                       f"peak {result.device_peak_gb} GB (est {result.est_vram_gb:.2f}), {result.tokens_per_s} tok/s",
