@@ -154,13 +154,17 @@ def events_inside(events: list[dict[str, Any]], records: list[StepRecord], warmu
 # ---------------------------------------------------------------------------------------------
 
 
-def write_job(path: Path, steps: int) -> Path:
-    """The tiny config with absolute paths, `steps` optimizer steps and no save or eval before the end."""
+def write_job(path: Path, steps: int, settings: dict[str, Any] | None = None) -> Path:
+    """The tiny config with absolute paths, `steps` optimizer steps and no save or eval before the end,
+    and `settings` ("section.key" -> value, from --set) over it."""
     config = yaml.safe_load(TINY_CONFIG.read_text())
     for section, key in (("model", "base"), ("data", "path")):
         config[section][key] = str((TINY_CONFIG.parent / config[section][key]).resolve())
     config["train"].update(max_steps=steps, save_every=steps + 1, eval_every=steps + 1)
     config["eval"].update(samples=2, max_new_tokens=12)  # outside the timed window; keeps runs short
+    for dotted, value in (settings or {}).items():
+        section, key = dotted.split(".", 1)
+        config.setdefault(section, {})[key] = value
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -286,12 +290,12 @@ def plain_training(job: Path, result_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def benchmark(steps: int, repeats: int, warmup: int) -> dict[str, Any]:
+def benchmark(steps: int, repeats: int, warmup: int, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     runs: dict[str, list[ChildRun]] = {"runner": [], "plain": []}
     environment: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="runner-overhead-") as tmp:
-        job = write_job(Path(tmp) / "job.yaml", steps)
+        job = write_job(Path(tmp) / "job.yaml", steps, settings)
         for repeat in range(1, repeats + 1):
             for side in ("runner", "plain"):
                 work = Path(tmp) / f"{side}-{repeat}"
@@ -305,7 +309,7 @@ def benchmark(steps: int, repeats: int, warmup: int) -> dict[str, Any]:
                       f"{run.throughput.tokens_per_s:8.0f} tok/s  peak RSS {run.process.peak_rss_mib:.0f} MiB  "
                       f"wall {run.process.wall_s:.1f} s  other processes {run.process.other_cpu_cores:.2f} cores",
                       file=sys.stderr, flush=True)
-    return summarize(runs, steps, repeats, warmup, environment, load_before)
+    return summarize(runs, steps, repeats, warmup, environment, load_before, settings or {})
 
 
 def median_of(runs: list[ChildRun], key: str) -> float:
@@ -315,7 +319,7 @@ def median_of(runs: list[ChildRun], key: str) -> float:
 
 
 def summarize(runs: dict[str, list[ChildRun]], steps: int, repeats: int, warmup: int, environment: dict[str, Any],
-              load_before: float) -> dict[str, Any]:
+              load_before: float, settings: dict[str, Any]) -> dict[str, Any]:
     keys = ("steps_per_s", "tokens_per_s", "median_step_ms", "peak_rss_mib", "wall_s")
     medians = {side: {k: median_of(side_runs, k) for k in keys} for side, side_runs in runs.items()}
     ratio = medians["runner"]["steps_per_s"] / medians["plain"]["steps_per_s"]
@@ -328,6 +332,7 @@ def summarize(runs: dict[str, list[ChildRun]], steps: int, repeats: int, warmup:
                  "other_processes_cpu_cores_max": round(max(r.process.other_cpu_cores for r in all_runs), 3),
                  **environment},
         "config": str(TINY_CONFIG.relative_to(ROOT)),
+        "runner_settings": settings,
         "max_steps": steps,
         "warmup_steps_skipped": warmup,
         "timed_steps": steps - warmup,
@@ -356,7 +361,8 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = [
         (f"runner overhead: {summary['config']}, max_steps {summary['max_steps']} (timed: steps "
          f"{summary['warmup_steps_skipped'] + 1}-{summary['max_steps']}), median of {summary['repeats']} "
-         "repeats, runner and plain alternating"),
+         "repeats, runner and plain alternating"
+         + "".join(f"; runner with {k}={v}" for k, v in summary["runner_settings"].items())),
         (f"host: {host['cpu_count']} CPUs ({host['cpus_usable']} usable), torch {host.get('torch')} with "
          f"{host.get('torch_threads')} threads; other processes (and VM steal) took at most "
          f"{host['other_processes_cpu_cores_max']:.2f} CPU cores during a run"),
@@ -383,15 +389,26 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def parse_setting(parser: argparse.ArgumentParser, text: str) -> tuple[str, Any]:
+    dotted, equals, value = text.partition("=")
+    if not equals or "." not in dotted:
+        parser.error(f"--set {text!r}: write SECTION.KEY=VALUE, e.g. --set train.kernels=none")
+    return dotted, yaml.safe_load(value)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Runner vs plain peft loop throughput and memory (see the docstring).")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run (train.max_steps)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating; medians reported")
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a config value for the runner's side, e.g. train.kernels=none or data.packing=false "
+                             "(YAML value; repeatable); the plain loop is unchanged (padded batches, the model's loss)")
     parser.add_argument("--_plain", type=Path, help=argparse.SUPPRESS)  # internal: run the plain loop on this job
     parser.add_argument("--_result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.settings = dict(parse_setting(parser, text) for text in args.settings)
     if args._plain is None and not (1 <= args.warmup <= args.steps - 2 and args.repeats >= 1):
         parser.error("need --repeats >= 1 and 1 <= --warmup <= --steps - 2")
     return args
@@ -402,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     if args._plain is not None:
         plain_training(args._plain, args._result)
         return 0
-    summary = benchmark(args.steps, args.repeats, args.warmup)
+    summary = benchmark(args.steps, args.repeats, args.warmup, args.settings)
     print(json.dumps(summary, indent=2) if args.json else format_table(summary))
     return 0
 

@@ -220,6 +220,10 @@ def estimate_vram(facts: ModelFacts, *, micro_batch: int, seq_len: int, lora_r: 
         activations = facts.num_layers * tokens * facts.hidden_size * COMPUTE_BYTES + per_layer
     else:
         activations = facts.num_layers * per_layer
+    if peak_tokens is not None:  # a packed row's block-diagonal mask (bool) and SDPA's compute-dtype
+        # copy of it, which its memory-efficient kernel keeps for backward in each layer that keeps
+        # activations (aten convert_boolean_attn_mask; read from the source, not yet measured)
+        activations += tokens ** 2 * (1 + COMPUTE_BYTES * (1 if gradient_checkpointing else facts.num_layers))
     if fused_loss:
         chunk_logits = min(tokens * facts.vocab_size * 4, LOSS_CHUNK_BYTES)
         logits = 2 * chunk_logits + tokens * facts.hidden_size * COMPUTE_BYTES
@@ -239,14 +243,17 @@ def training_flops(facts: ModelFacts, tokens: int, seq_len: int, gradient_checkp
 
 
 def estimate_hours(facts: ModelFacts, gpu: GPU, gpu_count: int, tokens: int, seq_len: float, micro_batch: int,
-                   gradient_checkpointing: bool, speed: float = 1.0, padded_seq_len: Optional[float] = None) -> float:
+                   gradient_checkpointing: bool, speed: float = 1.0, padded_seq_len: Optional[float] = None,
+                   packed_rows: bool = False) -> float:
     """Hours on `gpu_count` x `gpu` for `tokens` in sequences of `seq_len` tokens on average.
     `padded_seq_len`: the rows' length in padded batches (their longest example), whose padding
-    is computed too; None: padding-free. `speed`: measured over modelled tokens/s on this GPU
-    model (calibration; 1: the model alone)."""
+    is computed too; None: no padding. `packed_rows`: padding-free, a micro batch in one row
+    whose attention (SDPA under a block-diagonal mask, as the runner runs it) spans the whole
+    row. `speed`: measured over modelled tokens/s on this GPU model (calibration; 1: the model alone)."""
     rows = max(padded_seq_len or seq_len, seq_len)
     computed = tokens * rows / seq_len if seq_len else tokens
-    compute_s = training_flops(facts, computed, rows, gradient_checkpointing) / (
+    context = micro_batch * seq_len if packed_rows else rows
+    compute_s = training_flops(facts, computed, context, gradient_checkpointing) / (
         gpu.tflops_dense * 1e12 * EFFICIENCY * gpu_count)
     passes = 3 if gradient_checkpointing else 2
     bytes_per_micro_step = passes * facts.linear_params * (BYTES_4BIT + 2 * COMPUTE_BYTES)
@@ -257,11 +264,12 @@ def estimate_hours(facts: ModelFacts, gpu: GPU, gpu_count: int, tokens: int, seq
 
 
 def model_tokens_per_s(facts: ModelFacts, gpu: GPU, micro_batch: int, seq_len: float,
-                       gradient_checkpointing: bool, padded_seq_len: Optional[float] = None) -> float:
+                       gradient_checkpointing: bool, padded_seq_len: Optional[float] = None,
+                       packed_rows: bool = False) -> float:
     """The uncalibrated model's training tokens/s (the examples' own tokens) on one `gpu` at this shape."""
     tokens = 1000 * micro_batch * seq_len
     return tokens / (estimate_hours(facts, gpu, 1, tokens, seq_len, micro_batch, gradient_checkpointing,
-                                    padded_seq_len=padded_seq_len) * 3600)
+                                    padded_seq_len=padded_seq_len, packed_rows=packed_rows) * 3600)
 
 
 def time_model_summary() -> str:

@@ -120,13 +120,9 @@ def job_need(config: LaunchConfig, example_tokens: Optional[list[int]] = None, *
     facts = estimate.model_facts(job.model.base, local_path if is_local else None)
     lengths = dataset_lengths.example_lengths(config, example_tokens, exact_counts, hub_sample)
     tokens, bound = _training_tokens(config, lengths)
-    # As the runner decides on the machine (qlora_runner.choose_padding_free / choose_kernels):
-    # auto packs where the model type is known to keep packed examples apart; every kernel choice
-    # but none keeps the full logits out of memory.
-    padding_free = job.data.packing is True or (
-        job.data.packing == "auto" and qr.padding_free_refusal(facts.model_type, job.model.trust_remote_code) is None)
-    fused_loss = job.train.kernels != "none"
     batch, cap = job.train.micro_batch_size, job.data.max_length
+    padding_free = _padding_free(config, facts, lengths.stats)
+    fused_loss = job.train.kernels != "none"  # every kernel choice but none keeps the full logits out of memory
     peak_tokens, padded = _micro_batch_shape(lengths.stats, padding_free, batch, cap)
     vram = estimate.estimate_vram(
         facts, micro_batch=batch, seq_len=cap, lora_r=job.lora.r,
@@ -138,6 +134,24 @@ def job_need(config: LaunchConfig, example_tokens: Optional[list[int]] = None, *
                    facts=facts, seq_tokens=_sequence_tokens(config, lengths), lengths_source=lengths.source,
                    lengths_warning=lengths.warning, padding_free=padding_free, fused_loss=fused_loss,
                    padded_seq_tokens=padded)
+
+
+def _padding_free(config: LaunchConfig, facts: estimate.ModelFacts,
+                  stats: Optional[dataset_lengths.LengthStats]) -> bool:
+    """As the runner decides on the machine (qlora_runner.choose_padding_free), from the lengths
+    known here: auto packs where the model type keeps packed examples apart and a packed row's
+    attention costs less than the padding it removes. Without lengths every example is taken at
+    max_length, where padding-free saves nothing: padded. Where these lengths differ from the
+    runner's, the choice only flips near a ratio of 1, where lengths are even and both shapes
+    hold about the same tokens."""
+    qr, job = runner_module(), config.job
+    packing, batch, cap = job.data.packing, job.train.micro_batch_size, job.data.max_length
+    if packing != "auto":
+        return bool(packing)
+    if qr.padding_free_refusal(facts.model_type, job.model.trust_remote_code) is not None or stats is None:
+        return False
+    shape = qr.ComputeShape(facts.linear_params + facts.vocab_size * facts.hidden_size, facts.num_layers, facts.q_dim)
+    return qr.packed_over_padded_flops(shape, batch, stats.mean_capped(cap), stats.mean_longest_of(cap, batch)) < 1
 
 
 def _micro_batch_shape(stats: Optional[dataset_lengths.LengthStats], padding_free: bool, batch: int,
@@ -234,7 +248,7 @@ def evaluate(offer: Offer, need: JobNeed, measured: Optional[list[MeasuredSpeed]
         calibrated = speed is not None
         hours = estimate.estimate_hours(need.facts, gpu, 1, need.tokens, need.seq_tokens,
                                         need.micro_batch, need.gradient_checkpointing, speed=speed or 1.0,
-                                        padded_seq_len=need.padded_seq_tokens)
+                                        padded_seq_len=need.padded_seq_tokens, packed_rows=need.padding_free)
         if parallel:
             hours /= data_parallel_speedup(offer.gpu_count, nodes)
     machines = nodes if parallel else 1
@@ -326,7 +340,7 @@ def speed_factor(measured: list[MeasuredSpeed], gpu: GPU, need: JobNeed) -> Opti
         modelled = estimate.model_tokens_per_s(
             need.facts, gpu, m.micro_batch or need.micro_batch, seq,
             need.gradient_checkpointing if m.gradient_checkpointing is None else m.gradient_checkpointing,
-            padded_seq_len=seq * padding if padding else None)
+            padded_seq_len=seq * padding if padding else None, packed_rows=need.padding_free)
         ratios.append(m.tokens_per_s / modelled)
     return statistics.median(ratios) if ratios else None
 

@@ -201,7 +201,8 @@ class DataSection:
     format: Literal["completion", "instruction", "chat"] = "instruction"
     max_length: int = 1024
     # Padding-free batches: a micro batch's examples in one row, each attending only to itself.
-    # auto: on where the model's attention is known to honour it (see padding_free_refusal).
+    # auto: on where the model's attention is known to honour it (see padding_free_refusal) and a
+    # packed row costs fewer FLOPs than the padding it removes (see packed_over_padded_flops).
     packing: Union[bool, Literal["auto"]] = "auto"
     splits: SplitsSection = field(default_factory=SplitsSection)
     validation_path: Optional[str] = None  # given split files replace the fractions for that split
@@ -2078,16 +2079,69 @@ def padding_free_refusal(model_type: str, trust_remote_code: bool, attention: Op
     return None
 
 
-def choose_padding_free(packing: Union[bool, str], model: Any, trust_remote_code: bool) -> bool:
-    """data.packing for this model: true insists (an error where it is not safe), auto takes it where it is."""
+@dataclass(frozen=True)
+class ComputeShape:
+    """What a training step's FLOPs depend on: the matmul weights every token passes through
+    (decoder linears and the LM head) and the attention's layers and width."""
+    matmul_params: int
+    layers: int
+    attention_width: int  # query heads x head dim
+
+    @classmethod
+    def of(cls, config: Any) -> Optional["ComputeShape"]:
+        """From a transformers model config (a dense decoder's fields); None when one is missing."""
+        try:
+            h, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
+            width = (getattr(config, "head_dim", None) or h // heads) * heads
+            kv = (getattr(config, "num_key_value_heads", None) or heads) * (width // heads)
+            per_layer = h * width + 2 * h * kv + width * h + 3 * h * config.intermediate_size
+            return cls(layers * per_layer + h * config.vocab_size, layers, width)
+        except (AttributeError, TypeError, ZeroDivisionError):
+            return None
+
+
+def packed_over_padded_flops(shape: ComputeShape, batch: int, mean_tokens: float, mean_longest: float) -> float:
+    """Forward FLOPs of a padding-free micro batch over a padded one (backward scales both alike).
+    A padded batch computes `batch` rows of its longest example; a packed row computes only real
+    tokens, but SDPA and eager attention run over the whole row under a block-diagonal mask, so
+    its attention grows with batch x mean tokens: on a narrow model (small attention_width
+    against matmul_params per layer) with short, even examples, packing costs more than it saves."""
+    def row(tokens: float) -> float:  # 2 FLOPs per weight per token; QK^T and AV: 4 x context x width per layer
+        return tokens * (2 * shape.matmul_params + 4 * shape.layers * tokens * shape.attention_width)
+
+    return row(batch * mean_tokens) / (batch * row(mean_longest))
+
+
+def mean_longest_of(lengths: list[int], batch: int) -> float:
+    """E[the longest of `batch` lengths drawn at random]: the row a padded micro batch pads to."""
+    ordered, n, expected = sorted(lengths), len(lengths), 0.0
+    for i, length in enumerate(ordered):
+        expected += length * (((i + 1) / n) ** batch - (i / n) ** batch)
+    return expected
+
+
+def choose_padding_free(packing: Union[bool, str], model: Any, trust_remote_code: bool,
+                        lengths: list[int], batch: int) -> tuple[bool, str]:
+    """(padding-free, why) for data.packing on this model and these training sequence lengths:
+    true insists (an error where it is not safe), auto takes it where it is safe and costs less."""
     if packing is False:
-        return False
+        return False, "data.packing: false"
     config = getattr(model, "config", None)
-    refusal = padding_free_refusal(getattr(config, "model_type", "") or "", trust_remote_code,
-                                   getattr(config, "_attn_implementation", None))
+    attention = getattr(config, "_attn_implementation", None)
+    refusal = padding_free_refusal(getattr(config, "model_type", "") or "", trust_remote_code, attention)
     if refusal and packing is True:
         raise ConfigError(f"data.packing: true, but {refusal}; set data.packing: false (or auto)")
-    return refusal is None
+    if refusal:
+        return False, refusal
+    if packing is True:
+        return True, "data.packing: true"
+    if str(attention).startswith("flash_attention"):  # variable-length kernels: no work across examples
+        return True, f"{attention} attends within each example"
+    shape = ComputeShape.of(config)
+    if shape is None or not lengths:
+        return True, "the model's shape is unknown"
+    ratio = packed_over_padded_flops(shape, batch, sum(lengths) / len(lengths), mean_longest_of(lengths, batch))
+    return ratio < 1, f"a packed micro batch computes {ratio:.2f}x a padded one"
 
 
 def to_dataset(split: TokenizedSplit) -> Any:
@@ -2398,10 +2452,11 @@ def run_job(config_path: Path, run: RunDir, resume: str, stop: _StopFlag, ranks:
     model = load_model(base, cfg, plan)
     kernels = apply_kernels(model, cfg, plan)
     args.use_liger_kernel = kernels == "liger"  # transformers applies Liger's kernels as training starts
-    padding_free = choose_padding_free(cfg.data.packing, model, cfg.model.trust_remote_code)
+    padding_free, why = choose_padding_free(cfg.data.packing, model, cfg.model.trust_remote_code,
+                                            [len(ids) for ids in data.train.input_ids], cfg.train.micro_batch_size)
     if padding_free:  # no attention mask to count by, and no padding to leave out of the count
         args.include_num_input_tokens_seen = "all"
-    log(f"kernels: {KERNEL_WORDS[kernels]}; batches: {'padding-free' if padding_free else 'padded'}")
+    log(f"kernels: {KERNEL_WORDS[kernels]}; batches: {'padding-free' if padding_free else 'padded'} ({why})")
     model = attach_lora(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"LoRA r={cfg.lora.r} on {cfg.lora.target_modules}: {trainable:,} trainable parameters")

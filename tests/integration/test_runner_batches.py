@@ -1,6 +1,7 @@
-"""The runner as shipped (padding-free batches, the chunked loss: data.packing and train.kernels
-auto) trains the tiny model as the plain Trainer path does (padded batches, the model's own loss
-on full logits): the same losses at every step, on the CPU.
+"""The runner's padding-free batches and chunked loss (data.packing: true, train.kernels: auto)
+train the tiny model as the plain Trainer path does (padded batches, the model's own loss on
+full logits): the same losses at every step, on the CPU. (As shipped, packing: auto pads the
+tiny model: its packed rows would cost more attention than the padding they save.)
 
 LoRA dropout is 0 here: its masks are drawn over the batch's shape, [2, longest] padded or
 [1, tokens] packed, so with dropout the two runs see different random masks and their losses
@@ -27,9 +28,9 @@ def run(tmp_path, name: str, **train_and_data) -> tuple[dict[int, float], dict, 
 
 def test_padding_free_batches_and_the_chunked_loss_train_as_padded_batches_and_full_logits(tmp_path):
     plain, plain_eval, plain_log = run(tmp_path, "plain", packing=False, kernels="none")
-    shipped, shipped_eval, shipped_log = run(tmp_path, "shipped")
-    assert "kernels: the model's own loss; batches: padded" in plain_log
-    assert "kernels: chunked loss (no full logits); batches: padding-free" in shipped_log
+    shipped, shipped_eval, shipped_log = run(tmp_path, "packed", packing=True)
+    assert "kernels: the model's own loss; batches: padded (data.packing: false)" in plain_log
+    assert "kernels: chunked loss (no full logits); batches: padding-free (data.packing: true)" in shipped_log
     assert list(shipped) == list(range(1, STEPS + 1)) == list(plain)
     # float sums in another order (attention over a masked row, the loss by chunks): ~1e-6 apart
     assert shipped == pytest.approx(plain, rel=1e-4, abs=1e-5)

@@ -9,6 +9,7 @@ import math
 import random
 import threading
 import urllib.parse
+from types import SimpleNamespace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -82,7 +83,8 @@ def test_the_mistral_ready_config_plans_with_the_shipped_alpaca_lengths():
     bound_tokens = int(entry["examples"] * 0.98 * 1024)
     bound_hours = estimate.estimate_hours(need.facts, gpu, 1, bound_tokens, 1024.0, 2, True)
     hours = offers.evaluate(a10g, need).est_hours
-    assert hours == pytest.approx(estimate.estimate_hours(need.facts, gpu, 1, need.tokens, mean, 2, True))
+    assert need.padding_free  # (packing: auto; these lengths pay for it)
+    assert hours == pytest.approx(estimate.estimate_hours(need.facts, gpu, 1, need.tokens, mean, 2, True, packed_rows=True))
     assert hours < bound_hours * 0.5
 
 
@@ -359,3 +361,32 @@ def test_the_largest_padding_free_micro_batch_is_its_longest_examples():
     assert stats.largest_batch_tokens(1024, 3) == 1024 + 300 + 300
     assert stats.largest_batch_tokens(256, 3) == 3 * 256
     assert stats.largest_batch_tokens(1024, 10) == 5 + 300 + 40 + 1024 + 70 + 300  # fewer examples than the batch
+
+
+def test_the_plan_packs_as_the_runner_will(tmp_path):
+    """packing: auto decides by the same FLOPs rule on both sides; on the narrow tiny model 16 even
+    examples are cheaper padded, 16 uneven ones packed. Without lengths: padded (nothing to save)."""
+    qr = launch_config.runner_module()
+    config = launch_config.load(ROOT / "configs" / "tiny-cpu.yaml")
+    facts = estimate.model_facts(str(TINY_MODEL), TINY_MODEL)
+    from transformers import AutoConfig  # the runner reads the model's own config (transformers: test side only)
+
+    assert qr.ComputeShape.of(AutoConfig.from_pretrained(TINY_MODEL)) == qr.ComputeShape(
+        facts.linear_params + facts.vocab_size * facts.hidden_size, facts.num_layers, facts.q_dim)
+    even, uneven = [60] * 300, [4] * 280 + [64] * 20
+    for lengths in (even, uneven):
+        need = offers.job_need(config, lengths, exact_counts=True)
+        runner_choice, _ = qr.choose_padding_free("auto", _model_of(TINY_MODEL), False, lengths,
+                                                  config.job.train.micro_batch_size)
+        assert need.padding_free is runner_choice
+    assert offers.job_need(config, uneven, exact_counts=True).padding_free
+    assert not offers.job_need(config, even, exact_counts=True).padding_free
+
+
+def _model_of(path):
+    """A stand-in for the loaded model: the runner reads only its config."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    config._attn_implementation = "sdpa"
+    return SimpleNamespace(config=config)

@@ -92,7 +92,12 @@ def test_a_fused_loss_keeps_one_chunk_of_logits_and_the_hidden_states_gradient()
 
 
 def test_padding_free_batches_size_memory_by_their_tokens_and_time_by_no_padding(monkeypatch):
-    assert vram(peak_tokens=900).activations_gb == pytest.approx(vram(micro_batch=1, seq_len=900).activations_gb)
+    # the same tokens as one row, and the row's mask: bool + a bf16 copy for the one layer checkpointing keeps
+    assert vram(peak_tokens=900).activations_gb == pytest.approx(
+        vram(micro_batch=1, seq_len=900).activations_gb + 900 ** 2 * 3 / 1e9)
+    unkept = vram(peak_tokens=900, gradient_checkpointing=False).activations_gb
+    assert unkept == pytest.approx(vram(micro_batch=1, seq_len=900, gradient_checkpointing=False).activations_gb
+                                   + 900 ** 2 * (1 + 2 * 32) / 1e9)  # every layer keeps its copy
     facts = estimate.model_facts("mistralai/Mistral-7B-v0.3")
     args = dict(tokens=10_000_000, seq_len=300.0, micro_batch=2, gradient_checkpointing=True)
     free = estimate.estimate_hours(facts, resolve("A10G"), 1, **args)
@@ -103,6 +108,10 @@ def test_padding_free_batches_size_memory_by_their_tokens_and_time_by_no_padding
     flops_only = estimate.estimate_hours(facts, resolve("A10G"), 1, padded_seq_len=450.0, **args) / \
         estimate.estimate_hours(facts, resolve("A10G"), 1, **args)
     assert 1.5 < flops_only < 1.52  # (and attention's share grows with the row)
+    # padding-free: one row of the micro batch, its attention over the whole row (SDPA's mask)
+    packed = estimate.estimate_hours(facts, resolve("A10G"), 1, packed_rows=True, **args)
+    assert packed / estimate.estimate_hours(facts, resolve("A10G"), 1, **args) == pytest.approx(
+        estimate.training_flops(facts, 10_000_000, 600, True) / estimate.training_flops(facts, 10_000_000, 300, True))
 
 
 def test_a_7b_qlora_job_fits_the_gpus_users_rent_for_it():

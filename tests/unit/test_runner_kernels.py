@@ -4,6 +4,8 @@ batches. Liger's kernels need CUDA and Triton: only the choice of them is tested
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -158,6 +160,10 @@ def test_packed_examples_do_not_see_each_other_and_the_loss_equals_the_padded_ba
     assert loss_packed.item() == pytest.approx(loss_padded.item(), rel=1e-5)
 
 
+UNEVEN = [4] * 15 + [64]  # 16 lengths: padded rows of ~43 tokens for 7.75 real ones
+EVEN = [60] * 16
+
+
 @pytest.mark.parametrize("packing, model_type, remote, chosen", [
     ("auto", "llama", False, True), ("auto", "gpt2", False, False), ("auto", "llama", True, False),
     (False, "llama", False, False), (True, "qwen2", False, True),
@@ -165,14 +171,49 @@ def test_packed_examples_do_not_see_each_other_and_the_loss_equals_the_padded_ba
 def test_padding_free_where_it_is_safe(packing, model_type, remote, chosen):
     model = tiny_model()
     model.config.model_type = model_type
-    assert runner.choose_padding_free(packing, model, remote) is chosen
+    assert runner.choose_padding_free(packing, model, remote, UNEVEN, 16)[0] is chosen
+
+
+def test_auto_pads_where_a_packed_row_attention_costs_more_than_the_padding():
+    """The tiny model is narrow (width 128): 16 even examples in one row of 960 tokens spend more
+    on attention across that row than 16 padded rows of 60 spend on anything."""
+    model = tiny_model()
+    chosen, why = runner.choose_padding_free("auto", model, False, EVEN, 16)
+    assert not chosen and "a packed micro batch computes" in why
+    assert float(why.split("computes ")[1].split("x")[0]) > 1
+    assert runner.choose_padding_free(True, model, False, EVEN, 16)[0]  # true insists
+    assert runner.choose_padding_free("auto", model, False, UNEVEN, 16)[0]
+
+
+def test_flash_attention_packs_whatever_the_lengths():
+    config = SimpleNamespace(model_type="llama", _attn_implementation="flash_attention_2")
+    assert runner.choose_padding_free("auto", SimpleNamespace(config=config), False, EVEN, 16) == (
+        True, "flash_attention_2 attends within each example")
+
+
+def test_a_packed_row_pays_on_a_wide_model_and_not_on_a_narrow_one():
+    llama_8b = runner.ComputeShape(matmul_params=6_979_321_856 + 525_336_576, layers=32, attention_width=4096)
+    narrow = runner.ComputeShape.of(tiny_model().config)
+    # by hand: 2400 x (2 x 7.5e9 + 4 x 32 x 2400 x 4096) / (8 x 900 x (2 x 7.5e9 + 4 x 32 x 900 x 4096))
+    assert runner.packed_over_padded_flops(llama_8b, 8, 300, 900) == pytest.approx(0.350, abs=0.001)
+    # the tiny config's shape of batch: 16 examples of 40 tokens on average, padded to 60
+    assert runner.packed_over_padded_flops(llama_8b, 16, 40, 60) < 0.7
+    assert runner.packed_over_padded_flops(narrow, 16, 40, 60) > 1.05
+    # even lengths: packing saves no padding and only adds attention
+    assert runner.packed_over_padded_flops(llama_8b, 8, 512, 512) > 1
+
+
+def test_mean_longest_of_a_batch():
+    assert runner.mean_longest_of([5, 5, 5], 4) == pytest.approx(5)
+    assert runner.mean_longest_of([1, 2], 1) == pytest.approx(1.5)
+    assert runner.mean_longest_of([1, 2], 2) == pytest.approx(2 * 0.75 + 1 * 0.25)  # drawn with replacement
 
 
 def test_packing_true_on_a_model_not_known_to_keep_examples_apart_is_refused():
     model = tiny_model()
     model.config.model_type = "gpt2"
     with pytest.raises(runner.ConfigError, match="data.packing: true, but model type 'gpt2'.*set data.packing: false"):
-        runner.choose_padding_free(True, model, False)
+        runner.choose_padding_free(True, model, False, UNEVEN, 16)
 
 
 def test_fp16_keeps_the_small_gradients_of_a_long_accumulation():
