@@ -10,7 +10,8 @@
   (b) runner   our runner with train.kernels: none and data.packing: false: the runner as it
                shipped before it kept the logits out of memory.
   (c) fast     our runner as it ships: train.kernels auto (Liger's kernels when liger-kernel is
-               installed, else our chunked loss) and padding-free batches (data.packing auto).
+               installed, else our chunked loss) and data.packing auto (padding-free where a
+               packed row costs fewer FLOPs than the padding it removes; the runner logs which).
   (d) unsloth  Unsloth's FastLanguageModel on the same job (plain_trainer.py --unsloth), where it
                installs; skipped with the reason where it does not.
 
@@ -65,7 +66,7 @@ class Variant:
 VARIANTS = (
     Variant("a", "plain Trainer + peft + bitsandbytes", "plain"),
     Variant("b", "our runner, kernels none, padded", "runner", "none", False),
-    Variant("c", "our runner as shipped (kernels auto, padding-free)", "runner", "auto", "auto"),
+    Variant("c", "our runner as shipped (kernels and packing auto)", "runner", "auto", "auto"),
     Variant("d", "Unsloth", "unsloth"),
 )
 
