@@ -96,13 +96,8 @@ class LengthStats:
 
     def mean_longest_of(self, max_length: int, batch: int) -> float:
         """E[the longest of `batch` examples drawn at random, cut at max_length]: the row length a
-        padded micro batch pads to. Exact over the counts: sum of l * (F(l)^b - F(l-)^b)."""
-        lengths, examples, _ = self._prefix
-        total, below, expected = self.examples, 0, 0.0
-        for length, upto in zip(lengths, examples):
-            expected += min(length, max_length) * ((upto / total) ** batch - (below / total) ** batch)
-            below = upto
-        return expected
+        padded micro batch pads to (the runner's formula, which it uses to choose packing)."""
+        return runner_module().mean_longest_of([(min(n, max_length), c) for n, c in self.counts], batch)
 
     def largest_batch_tokens(self, max_length: int, batch: int) -> int:
         """The most tokens a padding-free micro batch of `batch` examples can hold: its `batch`

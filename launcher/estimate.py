@@ -145,6 +145,11 @@ class ModelFacts:
         return self.num_layers * sum(a * b for a, b in self.linear_shapes())
 
     @property
+    def matmul_params(self) -> int:
+        """The weights every token is multiplied through: the decoder's linears and the LM head."""
+        return self.linear_params + self.vocab_size * self.hidden_size
+
+    @property
     def other_params(self) -> int:
         """Embeddings, LM head, norms and biases: kept in fp32 for training."""
         h = self.hidden_size
@@ -236,8 +241,7 @@ def estimate_vram(facts: ModelFacts, *, micro_batch: int, seq_len: int, lora_r: 
 
 def training_flops(facts: ModelFacts, tokens: int, seq_len: int, gradient_checkpointing: bool) -> float:
     """FLOPs to train on `tokens` tokens (see the module docstring)."""
-    matmul_params = facts.linear_params + (facts.vocab_size * facts.hidden_size)  # the LM head's matmul
-    forward_per_token = 2 * matmul_params + 4 * facts.num_layers * seq_len * facts.hidden_size
+    forward_per_token = 2 * facts.matmul_params + 4 * facts.num_layers * seq_len * facts.hidden_size
     passes = 3 if gradient_checkpointing else 2
     return forward_per_token * tokens * passes
 

@@ -150,7 +150,7 @@ def _padding_free(config: LaunchConfig, facts: estimate.ModelFacts,
         return bool(packing)
     if qr.padding_free_refusal(facts.model_type, job.model.trust_remote_code) is not None or stats is None:
         return False
-    shape = qr.ComputeShape(facts.linear_params + facts.vocab_size * facts.hidden_size, facts.num_layers, facts.q_dim)
+    shape = qr.ComputeShape(facts.matmul_params, facts.num_layers, facts.q_dim)
     return qr.packed_over_padded_flops(shape, batch, stats.mean_capped(cap), stats.mean_longest_of(cap, batch)) < 1
 
 

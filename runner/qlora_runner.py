@@ -57,6 +57,7 @@ schema (`load_config`, `JobConfig`) on a laptop without torch.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import difflib
@@ -2112,11 +2113,15 @@ def packed_over_padded_flops(shape: ComputeShape, batch: int, mean_tokens: float
     return row(batch * mean_tokens) / (batch * row(mean_longest))
 
 
-def mean_longest_of(lengths: list[int], batch: int) -> float:
-    """E[the longest of `batch` lengths drawn at random]: the row a padded micro batch pads to."""
-    ordered, n, expected = sorted(lengths), len(lengths), 0.0
-    for i, length in enumerate(ordered):
-        expected += length * (((i + 1) / n) ** batch - (i / n) ** batch)
+def mean_longest_of(counts: list[tuple[int, int]], batch: int) -> float:
+    """E[the longest of `batch` examples drawn at random]: the row a padded micro batch pads to.
+    `counts`: (length, examples) ascending by length. Exact over the counts (draws with
+    replacement): sum of length x (F(length)^batch - F(length-)^batch). The launcher's
+    LengthStats uses it too."""
+    total, below, expected = sum(count for _, count in counts), 0, 0.0
+    for length, count in counts:
+        expected += length * (((below + count) / total) ** batch - (below / total) ** batch)
+        below += count
     return expected
 
 
@@ -2139,8 +2144,9 @@ def choose_padding_free(packing: Union[bool, str], model: Any, trust_remote_code
         return True, f"{attention} attends within each example"
     shape = ComputeShape.of(config)
     if shape is None or not lengths:
-        return True, "the model's shape is unknown"
-    ratio = packed_over_padded_flops(shape, batch, sum(lengths) / len(lengths), mean_longest_of(lengths, batch))
+        return True, "the model's shape or the lengths are unknown"
+    counts = sorted(collections.Counter(lengths).items())
+    ratio = packed_over_padded_flops(shape, batch, sum(lengths) / len(lengths), mean_longest_of(counts, batch))
     return ratio < 1, f"a packed micro batch computes {ratio:.2f}x a padded one"
 
 

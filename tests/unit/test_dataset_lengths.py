@@ -372,7 +372,7 @@ def test_the_plan_packs_as_the_runner_will(tmp_path):
     from transformers import AutoConfig  # the runner reads the model's own config (transformers: test side only)
 
     assert qr.ComputeShape.of(AutoConfig.from_pretrained(TINY_MODEL)) == qr.ComputeShape(
-        facts.linear_params + facts.vocab_size * facts.hidden_size, facts.num_layers, facts.q_dim)
+        facts.matmul_params, facts.num_layers, facts.q_dim)
     even, uneven = [60] * 300, [4] * 280 + [64] * 20
     for lengths in (even, uneven):
         need = offers.job_need(config, lengths, exact_counts=True)

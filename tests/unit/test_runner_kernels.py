@@ -204,9 +204,9 @@ def test_a_packed_row_pays_on_a_wide_model_and_not_on_a_narrow_one():
 
 
 def test_mean_longest_of_a_batch():
-    assert runner.mean_longest_of([5, 5, 5], 4) == pytest.approx(5)
-    assert runner.mean_longest_of([1, 2], 1) == pytest.approx(1.5)
-    assert runner.mean_longest_of([1, 2], 2) == pytest.approx(2 * 0.75 + 1 * 0.25)  # drawn with replacement
+    assert runner.mean_longest_of([(5, 3)], 4) == pytest.approx(5)  # (length, examples)
+    assert runner.mean_longest_of([(1, 1), (2, 1)], 1) == pytest.approx(1.5)
+    assert runner.mean_longest_of([(1, 1), (2, 1)], 2) == pytest.approx(2 * 0.75 + 1 * 0.25)  # drawn with replacement
 
 
 def test_packing_true_on_a_model_not_known_to_keep_examples_apart_is_refused():
